@@ -1,0 +1,96 @@
+"""HF folder to 16-bit (or q8_0) GGUF with llama.cpp's own converter.
+
+The chat template and EOS the GGUF must carry are decided by us, not by whatever the model folder says: we give
+the converter a staging folder whose tokenizer_config.json carries them, the weights linked, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import toolchain
+from .errors import InputError
+from .files import atomic_output, ensure_free_space
+from .hfmodel import ModelInfo, estimate_gguf_bytes
+
+CONVERTER_OUTTYPES = {"f16": 16.0, "bf16": 16.0, "f32": 32.0, "q8_0": 8.5}
+# Files the converter reads that we may rewrite; everything else is linked into the staging folder as it is.
+_REWRITTEN = {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
+
+
+@dataclass(frozen=True)
+class TokenizerOverrides:
+    """What the GGUF's tokenizer metadata must say, whatever the model folder says."""
+
+    chat_template: str | None = None
+    eos_token: str | None = None  # token text, e.g. "<|eot_id|>"
+
+    @property
+    def empty(self) -> bool:
+        return self.chat_template is None and self.eos_token is None
+
+
+def resolve_outtype(info: ModelInfo, outtype: str) -> str:
+    outtype = outtype.lower()
+    if outtype == "auto":
+        return info.outtype_16bit
+    if outtype not in CONVERTER_OUTTYPES:
+        raise InputError(f"unknown conversion type {outtype}: choose one of auto, {', '.join(CONVERTER_OUTTYPES)}")
+    return outtype
+
+
+def convert_to_gguf(
+    info: ModelInfo,
+    outfile: Path,
+    *,
+    outtype: str = "auto",
+    overrides: TokenizerOverrides = TokenizerOverrides(),
+    tools: toolchain.LlamaCpp | None = None,
+    force: bool = False,
+) -> str:
+    """Convert the model described by `info` into `outfile`; return the GGUF type written."""
+    outtype = resolve_outtype(info, outtype)
+    tools = tools or toolchain.llama_cpp()
+    outfile = Path(outfile)
+    expected = estimate_gguf_bytes(info, CONVERTER_OUTTYPES[outtype])
+    ensure_free_space(outfile.parent, expected, f"the {outtype} GGUF")
+    with atomic_output(outfile, force=force) as tmp:
+        with tempfile.TemporaryDirectory(prefix="l3zh-stage-") as stage:
+            source = info.path if overrides.empty else _stage(info.path, Path(stage), overrides)
+            toolchain.run_converter(tools, source, tmp, outtype, expected_bytes=expected)
+    return outtype
+
+
+def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides) -> Path:
+    """A folder that looks like `model_dir` but whose tokenizer config carries `overrides`."""
+    for entry in model_dir.iterdir():
+        if entry.name not in _REWRITTEN:
+            os.symlink(entry.resolve(), stage / entry.name)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if overrides.chat_template is not None:
+        config["chat_template"] = overrides.chat_template
+    else:
+        template = _existing_template(model_dir, config)
+        if template is not None:
+            config["chat_template"] = template
+    if overrides.eos_token is not None:
+        config["eos_token"] = overrides.eos_token
+    (stage / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    return stage
+
+
+def _existing_template(model_dir: Path, config: dict):
+    if "chat_template" in config:
+        return config["chat_template"]
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    as_json = model_dir / "chat_template.json"
+    if as_json.is_file():
+        return json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
+    return None

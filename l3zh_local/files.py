@@ -1,0 +1,87 @@
+"""Safe writing: outputs appear under their final name only when complete, and only if there is room."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import DiskSpaceError, InputError, OutputExists
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary name a file is written under; never mistaken for a finished output."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block finishes.
+
+    On any exception (Ctrl-C included) the temporary file is removed, so an interrupted run leaves
+    nothing that looks finished. A kill -9 can leave a `*.partial` file, which is ignored and
+    overwritten by the next run.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExists(f"{path} already exists: pass --force to overwrite it")
+    tmp = partial_path(path)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"internal error: {tmp} was not written")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = partial_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {path}: {exc.strerror}; choose another --out") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {path} is not writable; choose another --out")
+    return path
+
+
+def ensure_free_space(folder: Path, needed_bytes: int, what: str) -> None:
+    """Fail early, with the numbers, when `folder`'s disk cannot hold `needed_bytes` more."""
+    free = shutil.disk_usage(folder).free
+    # Keep a margin: file systems misbehave when completely full.
+    margin = 256 * 1024**2
+    if free < needed_bytes + margin:
+        raise DiskSpaceError(
+            f"not enough disk in {folder} for {what}: needs {human_size(needed_bytes + margin)}, "
+            f"{human_size(free)} free; free some space or choose another --out"
+        )
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024**2) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,100 @@
+"""Small models built offline, for tests and benchmarks.
+
+``tiny_llama3``: a randomly initialised LlamaForCausalLM with Meta's real Llama-3 tokenizer (from the
+``llama-models`` package, a test extra). Its hidden and FFN sizes are multiples of 256 so k-quants are really
+exercised. Built once into the cache and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import settings
+from .errors import InputError
+
+# Meta's own Llama-3 instruct template (as published with Meta-Llama-3-8B-Instruct).
+LLAMA3_INSTRUCT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+TINY_LLAMA3_VERSION = "v1"
+BOS, EOS_TEXT, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+
+
+def llama3_tokenizer_model() -> Path:
+    try:
+        import llama_models
+    except ImportError:
+        raise InputError("the tiny Llama-3 fixture needs the test extra: pip install -e '.[test]'") from None
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    if not path.is_file():
+        raise InputError(f"llama-models has no Llama-3 tokenizer at {path}")
+    return path
+
+
+def build_llama3_tokenizer(chat_template: str = LLAMA3_INSTRUCT_TEMPLATE, eos_token: str = EOT):
+    """Meta's Llama-3 tokenizer as an HF fast tokenizer that prepends <|begin_of_text|> like the original."""
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    meta = MetaTokenizer(llama3_tokenizer_model())
+    specials = sorted(meta.special_tokens, key=meta.special_tokens.get)
+    backend = TikTokenConverter(
+        vocab_file=str(llama3_tokenizer_model()), pattern=meta.pat_str, extra_special_tokens=specials
+    ).converted()
+    bos_id = meta.special_tokens[BOS]
+    # Without this post-processor the converter hashes the pre-tokenizer as smaug-bpe, not llama-bpe.
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=eos_token, model_max_length=8192,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_llama3(dest: Path | None = None, *, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Return the folder of the tiny Llama-3 fixture, building it once (about 20 s)."""
+    dest = Path(dest) if dest else settings.cache_dir() / "fixtures" / f"tiny-llama3-{TINY_LLAMA3_VERSION}-{dtype}"
+    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_llama3_tokenizer()
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128009, tie_word_embeddings=False,
+        # Larger than the usual 0.02 so the logits are peaked and the top token means something.
+        initializer_range=0.08,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config.bos_token_id = 128000
+    model.generation_config.eos_token_id = [128001, 128009]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        os.mkdir(tmp)  # TemporaryDirectory wants something to clean up
+    return dest
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
