@@ -61,9 +61,15 @@ def _emit_json(data) -> None:
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
               help="Use this llama.cpp checkout's converter instead of the pinned one.")
 @click.option("--threads", type=int, default=0, help="Quantization threads (0: all cores).")
+@click.option("--imatrix/--no-imatrix", "use_imatrix", default=None,
+              help="Weigh quantization by an importance matrix computed with the HF model over calibration text "
+                   "(default: on for models up to 4B parameters).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
-def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp, threads, force, as_json):
+def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp, threads, use_imatrix, calibration,
+           force, as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -72,8 +78,11 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
     from .export import ExportOptions, run_export
     from .quantize import parse_quant_list
 
-    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants), outtype=outtype, revision=revision,
-                         allow_pickle=allow_pickle, force=force, llama_cpp=llama_cpp, threads=threads, name=name)
+    imatrix_mode = "auto" if use_imatrix is None else ("on" if use_imatrix else "off")
+    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=use_imatrix is not False),
+                         outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
+                         llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
+                         calibration=calibration)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
     if as_json:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import convert, ggufmeta, hfmodel, sources, toolchain
-from .errors import OutputExists
+from . import convert, ggufmeta, hfmodel, imatrix, sources, toolchain
+from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size
 from .hfmodel import estimate_gguf_bytes
 from .manifest import Manifest, fingerprint_folder, step_key
@@ -32,6 +32,8 @@ class ExportOptions:
     llama_cpp: Path | None = None
     threads: int = 0
     name: str | None = None  # file stem; default from the source
+    imatrix: str = "auto"  # "on", "off", or "auto": on for models up to imatrix.AUTO_MAX_PARAMS
+    calibration: Path | None = None  # text for the importance matrix; default: the packaged calibration text
 
 
 @dataclass
@@ -81,7 +83,11 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     base = out / f"{stem}.{outtype}.gguf"
     targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
     convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version)
-    quant_keys = {name: step_key("quantize", convert_key, name) for name in targets}
+    use_imatrix = _wants_imatrix(opts, info, targets)
+    calibration = _calibration_text(opts) if use_imatrix else None
+    imatrix_path = out / f"{stem}.imatrix.safetensors"
+    imatrix_key = step_key("imatrix", manifest.data["source"]["files"], calibration) if use_imatrix else None
+    quant_keys = {name: step_key("quantize", convert_key, name, imatrix_key) for name in targets}
 
     to_do = [p for p, k in [(base, convert_key), *((targets[n], quant_keys[n]) for n in targets)]
              if opts.force or not manifest.reusable(p, k)]
@@ -104,6 +110,10 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         reused.append(base.name)
         log(f"Reusing {base.name} (same source and settings as the last run).")
 
+    importance = None
+    if use_imatrix and any(p in to_do for p in targets.values()):
+        importance = _importance_matrix(manifest, source, imatrix_path, imatrix_key, calibration, log)
+
     for name, path in targets.items():
         qtype = next(q for q in opts.quants if q.name == name)
         if path not in to_do:
@@ -112,7 +122,8 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             continue
         log(f"Quantizing to {name} ({qtype.note})...")
         started = time.monotonic()
-        note = quantize(base, path, qtype, n_params=info.n_params, threads=opts.threads, force=True)
+        note = quantize(base, path, qtype, n_params=info.n_params, threads=opts.threads, imatrix=importance,
+                        force=True)
         if note:
             log(f"  note: {note} (row sizes not a multiple of 256 cannot take k-quants)")
         _record_gguf(manifest, path, quant_keys[name], "quant", time.monotonic() - started, fallback=note)
@@ -121,6 +132,56 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     manifest.save()
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
                         manifest=manifest)
+
+
+# Types whose rounding does not use an importance matrix.
+_NO_IMATRIX_EFFECT = {"q8_0", "f16", "bf16", "f32"}
+
+
+def _wants_imatrix(opts: ExportOptions, info: hfmodel.ModelInfo, targets: dict[str, Path]) -> bool:
+    needing = [q.name for q in opts.quants if q.needs_imatrix]
+    if opts.imatrix == "off":
+        if needing:
+            raise InputError(f"{needing[0]} needs an importance matrix, but --no-imatrix was given")
+        return False
+    if not any(name not in _NO_IMATRIX_EFFECT for name in targets):
+        return False
+    if opts.imatrix == "auto" and info.n_params > imatrix.AUTO_MAX_PARAMS:
+        if needing:
+            raise InputError(f"{needing[0]} needs an importance matrix: add --imatrix (it runs the HF model over "
+                             "the calibration text on this machine)")
+        return False
+    return True
+
+
+def _calibration_text(opts: ExportOptions) -> str:
+    if opts.calibration is None:
+        return imatrix.default_calibration_text()
+    try:
+        return Path(opts.calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read calibration text {opts.calibration}: {exc}") from None
+
+
+def _importance_matrix(manifest: Manifest, source: sources.ModelSource, path: Path, key: str, text: str,
+                       log: Callable[[str], None]) -> dict:
+    if manifest.reusable(path, key):
+        log(f"Reusing {path.name}.")
+        return imatrix.load_imatrix(path)
+    log("Computing an importance matrix with the HF model over the calibration text "
+        "(better low-bit quants; --no-imatrix skips it)...")
+    started = time.monotonic()
+    data = imatrix.compute_imatrix(source.path, text)
+    from .files import atomic_output
+
+    with atomic_output(path, force=True) as tmp:
+        imatrix.save_imatrix(tmp, data)
+    seconds = time.monotonic() - started
+    manifest.record_file(path, key, kind="imatrix", seconds=seconds, tensors=len(data),
+                         calibration_chars=len(text))
+    manifest.record_step("imatrix", seconds)
+    manifest.save()
+    return data
 
 
 def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:
