@@ -144,11 +144,13 @@ def jinja_template(t: TurnFormat, default_system: str | None) -> str:
         "{%- set ns.text = message['content'] -%}{%- endif -%}"
     )
     parts.append("{%- if loop.last or messages[loop.index0 + 1]['role'] != message['role'] -%}")
+    system_first = ""
+    if t.mid_system_prefix != t.system_prefix:  # Llama-3.1: the date lines only in the opening system block
+        system_first = ("{%- if message['role'] == 'system' and ns.first -%}{{- " + q(t.system_prefix)
+                        + " + ns.text + " + q(t.system_suffix) + " -}}{%- el")
     parts.append(
-        "{%- if message['role'] == 'system' and ns.first -%}{{- " + q(t.system_prefix) + " + ns.text + "
-        + q(t.system_suffix) + " -}}"
-        "{%- elif message['role'] == 'system' -%}{{- " + q(t.mid_system_prefix) + " + ns.text + "
-        + q(t.system_suffix) + " -}}"
+        (system_first or "{%- ") + "if message['role'] == 'system' -%}{{- " + q(t.mid_system_prefix)
+        + " + ns.text + " + q(t.system_suffix) + " -}}"
         "{%- elif message['role'] == 'user' -%}{{- " + q(t.user_prefix) + " + ns.text + " + q(t.user_suffix) + " -}}"
         "{%- elif message['role'] == 'assistant' -%}{{- " + q(t.assistant_prefix) + " + ns.text + "
         + q(t.assistant_suffix) + " -}}"
@@ -182,10 +184,12 @@ def go_template(t: TurnFormat) -> str:
             '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
             + g(t.system_prefix) + g(t.system_suffix) + "{{ end }}"
         )
+    system_prefix = g(t.system_prefix)
+    if t.mid_system_prefix != t.system_prefix:
+        system_prefix = "{{ if eq $i 0 }}" + system_prefix + "{{ else }}" + g(t.mid_system_prefix) + "{{ end }}"
     out.append("{{ range $i, $m := .Messages }}")
     out.append(
-        '{{ if eq $m.Role "system" }}{{ if eq $i 0 }}' + g(t.system_prefix) + "{{ else }}"
-        + g(t.mid_system_prefix) + "{{ end }}{{ $m.Content }}" + g(t.system_suffix)
+        '{{ if eq $m.Role "system" }}' + system_prefix + "{{ $m.Content }}" + g(t.system_suffix)
         + '{{ else if eq $m.Role "user" }}' + g(t.user_prefix) + "{{ $m.Content }}" + g(t.user_suffix)
         + '{{ else if eq $m.Role "assistant" }}' + g(t.assistant_prefix) + "{{ $m.Content }}"
         + g(t.assistant_suffix) + "{{ end }}"
