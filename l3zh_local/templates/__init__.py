@@ -12,11 +12,12 @@ from .registry import (
     list_families,
     normalise_template,
     template_hash,
+    with_default_system,
 )
 from .render import Piece, encode_pieces, jinja_environment, prompt_pieces, render_jinja, render_prompt
 
 __all__ = [
     "ChatFamily", "Sampling", "TurnFormat", "FAMILIES", "detect_family", "family_from_file", "get_family",
-    "list_families", "normalise_template", "template_hash", "Piece", "encode_pieces", "jinja_environment",
+    "list_families", "normalise_template", "template_hash", "with_default_system", "Piece", "encode_pieces", "jinja_environment",
     "prompt_pieces", "render_jinja", "render_prompt",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -194,3 +195,12 @@ def _check_jinja(text: str, path: Path) -> None:
         jinja_environment().from_string(text)
     except TemplateSyntaxError as exc:
         raise InputError(f"{path}: not a valid Jinja template (line {exc.lineno}: {exc.message})") from None
+
+
+def with_default_system(family: ChatFamily, default_system: str | None) -> ChatFamily:
+    """The family with another default system prompt, its Jinja template re-derived (for recipes)."""
+    if default_system == family.default_system:
+        return family
+    if family.turns is None:
+        raise InputError(f"cannot change the default system prompt of the custom template {family.name}")
+    return replace(family, default_system=default_system, jinja=jinja_template(family.turns, default_system))
