@@ -93,11 +93,6 @@ class ChatFamily:
     def num_predict(self) -> int:
         return self.sampling.num_predict
 
-    @property
-    def adds_bos(self) -> bool:
-        """Whether the model's runtime adds a BOS token in front of the prompt (GGUF add_bos_token)."""
-        return self.turns.bos_in_template if self.turns else "bos_token" in self.jinja
-
     def ollama_template(self) -> str | None:
         """The Go text/template for Ollama's TEMPLATE, or None when it cannot be derived (custom Jinja)."""
         if self.ollama_template_override is not None:

