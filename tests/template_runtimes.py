@@ -119,30 +119,3 @@ def llama_cpp_chat_ids(llm, conversation: list[dict]) -> list[int]:
     llm.create_chat_completion(messages=conversation, max_tokens=1, logits_processor=[capture], temperature=0.0)
     return capture.prompt
 
-
-def chatml_hf_tokenizer(gguf_path: Path):
-    """SmolLM2's tokenizer as an HF fast tokenizer, rebuilt from the GGUF's own vocabulary and merges (GPT-2 byte
-    level BPE, digits split one by one, control tokens added), the route FACTS.md describes."""
-    from gguf import GGUFReader
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    reader = GGUFReader(str(gguf_path))
-
-    def array(name):
-        field = reader.fields[name]
-        return [field.parts[i] for i in field.data]
-
-    tokens = [bytes(x).decode("utf-8") for x in array("tokenizer.ggml.tokens")]
-    merges = [tuple(bytes(x).decode("utf-8").split(" ", 1)) for x in array("tokenizer.ggml.merges")]
-    types = [int(x[0]) for x in array("tokenizer.ggml.token_type")]
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    backend.decoder = decoders.ByteLevel()
-    specials = [t for t, kind in zip(tokens, types) if kind == 3]
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    return tok

