@@ -7,7 +7,7 @@ for the Llama-3 families, the demo model (SmolLM2-135M-Instruct, real weights) f
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import pytest
@@ -73,8 +73,6 @@ class Runtime:
         self.family, self.hf, self.llm, self.gguf_path = family, hf_tokenizer, llm, gguf_path
         paths = write_deploy_files(gguf_path, family, model_name=f"test-{family.name}", num_ctx=2048)
         self.modelfile = read_modelfile(paths[0].read_text(encoding="utf-8"))
-        import json
-
         self.preset = json.loads(paths[1].read_text(encoding="utf-8"))
         self.legacy = json.loads(paths[2].read_text(encoding="utf-8"))
         self.adds_bos = llm._model.add_bos_token()
