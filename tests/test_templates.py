@@ -274,3 +274,33 @@ def test_cli_modelfiles_and_ollama_create(tmp_path, monkeypatch):
     assert result.exit_code == 0
     missing = run_cli("ollama-create", "zh", str(tmp_path / "none.Modelfile"))
     assert missing.exit_code == 2 and "no Modelfile" in missing.output
+
+
+def test_ollama_create_through_the_python_client(tmp_path, monkeypatch):
+    """Without the CLI, the `ollama` Python client (>= 0.4 API: create_blob, then create(files=...)) gets the
+    Modelfile's fields. A recording stand-in module replaces the client, which is not installed here."""
+    import sys
+    import types
+
+    calls = {}
+
+    class Client:
+        def create_blob(self, path):
+            calls["blob"] = Path(path)
+            return "sha256:abc"
+
+        def create(self, **kwargs):
+            calls["create"] = kwargs
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "ollama", types.SimpleNamespace(Client=Client))
+    family = get_family("shareai-base-sft")
+    gguf = tmp_path / "m.q4_k_m.gguf"
+    gguf.write_bytes(b"GGUF")
+    paths = write_deploy_files(gguf, family, "m", 4096)
+    assert ollama_create("zh-base", paths[0]).ran
+    assert calls["blob"] == gguf
+    sent = calls["create"]
+    assert sent["model"] == "zh-base" and sent["files"] == {"m.q4_k_m.gguf": "sha256:abc"}
+    assert sent["template"] == family.ollama_template() and sent["system"] == family.default_system
+    assert sent["parameters"]["stop"] == list(family.stop_tokens) and sent["parameters"]["num_ctx"] == 4096
