@@ -226,6 +226,83 @@ def _cpu_features() -> list[str]:
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     return [f for f in ("avx", "avx2", "avx512f", "fma", "f16c", "avx_vnni", "amx_tile") if f in flags]
 
+# -- chat templates and deployment files ---------------------------------------------------------------------------
+
+SAMPLE_CHAT = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"},
+    {"role": "user", "content": "你好！"},
+    {"role": "assistant", "content": "你好，有什么可以帮你？"},
+    {"role": "user", "content": "介绍一下北京。"},
+]
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def templates(ctx):
+    """List the chat families (`templates show NAME` renders one for a sample chat)."""
+    if ctx.invoked_subcommand is None:
+        from .templates import list_families
+
+        for family in list_families():
+            stops = ", ".join(family.stop_tokens)
+            click.echo(f"{family.name:<22} {family.description}\n{'':<22} EOS {family.eos_token}; stops {stops}")
+
+
+@templates.command("show")
+@click.argument("name")
+@click.option("--ollama", "show_ollama", is_flag=True, help="Also print the Ollama TEMPLATE.")
+@click.option("--jinja", "show_jinja", is_flag=True, help="Also print the Jinja chat template.")
+def templates_show(name, show_ollama, show_jinja):
+    """Render family NAME for a sample chat (the prompt text the model sees, BOS included where it belongs)."""
+    from .templates import get_family, render_prompt
+
+    family = get_family(name)
+    click.echo(f"{family.name}: {family.description}")
+    click.echo(f"EOS {family.eos_token}; stops {', '.join(family.stop_tokens)}; default system: "
+               f"{family.default_system!r}")
+    s = family.sampling
+    click.echo(f"sampling: temperature {s.temperature}, top_p {s.top_p}, repeat_penalty {s.repeat_penalty}, "
+               f"num_predict {s.num_predict}")
+    click.echo("\n--- prompt for a sample chat ---")
+    click.echo(render_prompt(family, SAMPLE_CHAT))
+    if show_jinja:
+        click.echo("--- Jinja (GGUF tokenizer.chat_template) ---")
+        click.echo(family.jinja)
+    if show_ollama:
+        click.echo("--- Ollama TEMPLATE ---")
+        click.echo(family.ollama_template() or "(none: custom template without an Ollama template)")
+
+
+@main.command("ollama-create")
+@click.argument("name")
+@click.argument("path", type=click.Path(path_type=Path))
+def ollama_create_cmd(name, path):
+    """Register a GGUF with Ollama as NAME; PATH is its Modelfile or the GGUF next to it.
+
+    Runs `ollama create` (CLI, else the ollama Python client); without either, prints the exact command.
+    """
+    from .deploy import deploy_paths, ollama_create
+
+    modelfile = deploy_paths(path)["modelfile"] if path.name.endswith(".gguf") else path
+    result = ollama_create(name, modelfile)
+    if result.ran:
+        click.echo(result.output.strip() or f"Created {name}.")
+        click.echo(f"Try it: ollama run {name}")
+    else:
+        click.echo("Ollama is not installed here (no `ollama` command, no ollama Python package). Run:")
+        click.echo(f"  {result.command}")
+
+
+@main.command("modelfiles")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("modelfiles"), show_default=True,
+              help="Folder to write into.")
+def modelfiles_cmd(out):
+    """Regenerate the Modelfile and LM Studio presets of every published GGUF of the seed's models."""
+    from .recipes import regenerate_modelfiles
+
+    for path in regenerate_modelfiles(out):
+        click.echo(f"Wrote {path}")
+
 
 if __name__ == "__main__":
     main()
