@@ -66,10 +66,14 @@ def _emit_json(data) -> None:
                    "(default: on for models up to 4B parameters).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
+@click.option("--template", help="Chat template family (see `l3zh-local templates`); default: detected.")
+@click.option("--template-file", type=click.Path(path_type=Path), help="A custom Jinja chat template.")
+@click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for.")
+@click.option("--ollama", "ollama_name", help="Also register the first quant with `ollama create NAME`.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp, threads, use_imatrix, calibration,
-           force, as_json):
+           template, template_file, num_ctx, ollama_name, force, as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -82,7 +86,7 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
     opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=use_imatrix is not False),
                          outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
                          llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
-                         calibration=calibration)
+                         calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
     if as_json:
@@ -95,7 +99,18 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
             click.echo(f"  {fname:<48} {entry.get('type', ''):<8} {entry['size'] / 1024**2:9.1f} MiB")
     click.echo(f"  {result.manifest.path.name:<48} what was made, from what, and how")
     first = next(iter(result.quant_ggufs.values()), result.base_gguf)
-    click.echo(f"\nTry it: l3zh-local chat {first}")
+    modelfile, preset, _legacy = result.deploy_files[first.name]
+    click.echo(f"  Beside each GGUF: <name>.Modelfile (Ollama), <name>.preset.json and <name>.legacy.preset.json "
+               f"(LM Studio), chat template {result.family.name}.")
+    click.echo(f"\nTry it:  l3zh-local chat {first}")
+    from .deploy import install_hint, ollama_create
+
+    if ollama_name:
+        created = ollama_create(ollama_name, modelfile)
+        click.echo(f"Ollama:  ollama run {ollama_name}" if created.ran else f"Ollama:  {created.command}")
+    else:
+        click.echo(f"Ollama:  cd {modelfile.parent} && ollama create {first.stem} -f {modelfile.name}")
+    click.echo(install_hint(first.name, first.stem))
 
 
 # -- convert / quantize ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import convert, ggufmeta, hfmodel, imatrix, sources, toolchain
+from . import convert, deploy, ggufmeta, hfmodel, imatrix, recipes, sources, templates, toolchain
 from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size
 from .hfmodel import estimate_gguf_bytes
@@ -34,6 +34,9 @@ class ExportOptions:
     name: str | None = None  # file stem; default from the source
     imatrix: str = "auto"  # "on", "off", or "auto": on for models up to imatrix.AUTO_MAX_PARAMS
     calibration: Path | None = None  # text for the importance matrix; default: the packaged calibration text
+    template: str | None = None  # a chat family name (templates.list_families)
+    template_file: Path | None = None  # a custom Jinja chat template
+    num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
 
 
 @dataclass
@@ -44,6 +47,8 @@ class ExportResult:
     quant_ggufs: dict[str, Path]
     reused: list[str]
     manifest: Manifest
+    family: templates.ChatFamily
+    deploy_files: dict[str, list[Path]]  # GGUF file name -> its Modelfile and presets
 
 
 def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | None) -> str:
@@ -69,6 +74,12 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     out = ensure_writable_dir(opts.out)
     stem = file_stem(source, info, opts.name)
     outtype = convert.resolve_outtype(info, opts.outtype)
+    recipe = _recipe_for(source)
+    family = choose_family(opts, info, recipe)
+    num_ctx = opts.num_ctx or (recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192,
+                                                                   8192))
+    log(f"Chat template: {family.name} (EOS {family.eos_token}, stops {', '.join(family.stop_tokens)}).")
+    overrides = convert.TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token)
 
     manifest = Manifest.load(out)
     manifest.set_run_info(
@@ -76,13 +87,18 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         model={"architecture": info.architecture, "n_params": info.n_params, "weight_dtype": info.weight_dtype,
                "context_length": info.config.get("max_position_embeddings")},
         toolchain=tools.describe(),
-        settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads},
+        settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads,
+                  "num_ctx": num_ctx},
+        template={"family": family.name, "eos_token": family.eos_token, "stop_tokens": list(family.stop_tokens),
+                  "default_system": family.default_system, "recipe": recipe.name if recipe else None,
+                  "jinja_sha256": templates.template_hash(family.jinja)},
     )
     _clean_partials(out)
 
     base = out / f"{stem}.{outtype}.gguf"
     targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
-    convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version)
+    convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version,
+                           family.jinja, family.eos_token)
     use_imatrix = _wants_imatrix(opts, info, targets)
     calibration = _calibration_text(opts) if use_imatrix else None
     imatrix_path = out / f"{stem}.imatrix.safetensors"
@@ -103,7 +119,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
             f"{tools.runtime_version})...")
         started = time.monotonic()
-        convert.convert_to_gguf(info, base, outtype=outtype, tools=tools, force=True)
+        convert.convert_to_gguf(info, base, outtype=outtype, overrides=overrides, tools=tools, force=True)
         _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
         manifest.save()
     else:
@@ -129,9 +145,32 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         _record_gguf(manifest, path, quant_keys[name], "quant", time.monotonic() - started, fallback=note)
         manifest.save()
 
+    model_name = f"{stem}" if not source.is_demo else "smollm2-135m-instruct-demo"
+    written: dict[str, list[Path]] = {}
+    for gguf in (base, *targets.values()):
+        written[gguf.name] = deploy.write_deploy_files(gguf, family, model_name, num_ctx)
+        manifest.data["files"][gguf.name]["deploy_files"] = [p.name for p in written[gguf.name]]
     manifest.save()
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
-                        manifest=manifest)
+                        manifest=manifest, family=family, deploy_files=written)
+
+
+def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.Recipe | None
+                  ) -> templates.ChatFamily:
+    """--template-file, else --template, else the model's own template if known, else its recipe, else refuse."""
+    if opts.template_file is not None:
+        return templates.family_from_file(opts.template_file)
+    if opts.template is not None:
+        return templates.get_family(opts.template)
+    return templates.detect_family(convert.existing_chat_template(info.path), recipe.family_name if recipe else None)
+
+
+def _recipe_for(source: sources.ModelSource) -> recipes.Recipe | None:
+    names = [source.ref, source.path.name] + (["smollm2-135m-instruct"] if source.is_demo else [])
+    try:
+        return next((r for r in map(recipes.find_recipe, names) if r is not None), None)
+    except InputError:  # no convert/ folder next to this installation: recipes are optional
+        return None
 
 
 # Types whose rounding does not use an importance matrix.
