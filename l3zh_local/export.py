@@ -128,7 +128,8 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
 
     importance = None
     if use_imatrix and any(p in to_do for p in targets.values()):
-        importance = _importance_matrix(manifest, source, imatrix_path, imatrix_key, calibration, log)
+        importance = _importance_matrix(manifest, source, imatrix_path, imatrix_key, calibration, log,
+                                        reuse=not opts.force)
 
     for name, path in targets.items():
         qtype = next(q for q in opts.quants if q.name == name)
@@ -203,8 +204,8 @@ def _calibration_text(opts: ExportOptions) -> str:
 
 
 def _importance_matrix(manifest: Manifest, source: sources.ModelSource, path: Path, key: str, text: str,
-                       log: Callable[[str], None]) -> dict:
-    if manifest.reusable(path, key):
+                       log: Callable[[str], None], *, reuse: bool) -> dict:
+    if reuse and manifest.reusable(path, key):
         log(f"Reusing {path.name}.")
         return imatrix.load_imatrix(path)
     log("Computing an importance matrix with the HF model over the calibration text "
