@@ -1,0 +1,143 @@
+"""The export pipeline: source -> (merge) -> 16-bit GGUF -> quants -> deploy files -> verify -> manifest.
+
+Each step is a call into its own module; this one only decides the order, the file names, what can be reused
+from an earlier run, and records everything in manifest.json.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import convert, ggufmeta, hfmodel, sources, toolchain
+from .errors import OutputExists
+from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size
+from .hfmodel import estimate_gguf_bytes
+from .manifest import Manifest, fingerprint_folder, step_key
+from .quantize import QuantType, quantize
+
+
+@dataclass
+class ExportOptions:
+    source: str | None  # None: the embedded demo model
+    out: Path = Path("dist")
+    quants: list[QuantType] = field(default_factory=list)
+    outtype: str = "auto"  # the 16-bit (or q8_0) type the converter writes
+    revision: str | None = None
+    allow_pickle: bool = False
+    force: bool = False
+    llama_cpp: Path | None = None
+    threads: int = 0
+    name: str | None = None  # file stem; default from the source
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    source: sources.ModelSource
+    base_gguf: Path
+    quant_ggufs: dict[str, Path]
+    reused: list[str]
+    manifest: Manifest
+
+
+def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | None) -> str:
+    if name:
+        raw = name
+    elif source.is_demo:
+        raw = "smollm2-135m-instruct"
+    elif source.kind == "local":
+        raw = info.path.resolve().name
+    else:
+        raw = source.ref.split("/")[-1]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.").lower()
+    return stem or "model"
+
+
+def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
+    source = sources.resolve(opts.source, revision=opts.revision, allow_pickle=opts.allow_pickle)
+    if source.is_demo:
+        log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
+        log("  For a real model: l3zh-local export ./your-hf-folder  or  l3zh-local export shareAI/llama3.1-8b-instruct-dpo-zh")
+    info = hfmodel.inspect_model(source.path, allow_pickle=opts.allow_pickle)
+    tools = toolchain.llama_cpp(opts.llama_cpp)
+    out = ensure_writable_dir(opts.out)
+    stem = file_stem(source, info, opts.name)
+    outtype = convert.resolve_outtype(info, opts.outtype)
+
+    manifest = Manifest.load(out)
+    manifest.set_run_info(
+        source=source.describe() | {"files": fingerprint_folder(source.path)},
+        model={"architecture": info.architecture, "n_params": info.n_params, "weight_dtype": info.weight_dtype,
+               "context_length": info.config.get("max_position_embeddings")},
+        toolchain=tools.describe(),
+        settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads},
+    )
+    _clean_partials(out)
+
+    base = out / f"{stem}.{outtype}.gguf"
+    targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
+    convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version)
+    quant_keys = {name: step_key("quantize", convert_key, name) for name in targets}
+
+    to_do = [p for p, k in [(base, convert_key), *((targets[n], quant_keys[n]) for n in targets)]
+             if opts.force or not manifest.reusable(p, k)]
+    for path in to_do:
+        if path.exists() and not opts.force:
+            raise OutputExists(f"{path} exists and was not made by this export with these settings; "
+                               "pass --force to overwrite it or choose another --out")
+    needed = sum(estimate_gguf_bytes(info, _bits(p, outtype, opts.quants)) for p in to_do)
+    ensure_free_space(out, needed, f"{len(to_do)} GGUF file(s) ({human_size(needed)})")
+
+    reused: list[str] = []
+    if base in to_do:
+        log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
+            f"{tools.runtime_version})...")
+        started = time.monotonic()
+        convert.convert_to_gguf(info, base, outtype=outtype, tools=tools, force=True)
+        _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
+        manifest.save()
+    else:
+        reused.append(base.name)
+        log(f"Reusing {base.name} (same source and settings as the last run).")
+
+    for name, path in targets.items():
+        qtype = next(q for q in opts.quants if q.name == name)
+        if path not in to_do:
+            reused.append(path.name)
+            log(f"Reusing {path.name}.")
+            continue
+        log(f"Quantizing to {name} ({qtype.note})...")
+        started = time.monotonic()
+        note = quantize(base, path, qtype, n_params=info.n_params, threads=opts.threads, force=True)
+        if note:
+            log(f"  note: {note} (row sizes not a multiple of 256 cannot take k-quants)")
+        _record_gguf(manifest, path, quant_keys[name], "quant", time.monotonic() - started, fallback=note)
+        manifest.save()
+
+    manifest.save()
+    return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
+                        manifest=manifest)
+
+
+def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:
+    for q in quants:
+        if path.name.endswith(f".{q.name}.gguf"):
+            return q.bits_per_weight
+    return convert.CONVERTER_OUTTYPES[outtype]
+
+
+def _record_gguf(manifest: Manifest, path: Path, key: str, kind: str, seconds: float, **extra) -> None:
+    meta = ggufmeta.read_metadata(path)
+    manifest.record_file(path, key, kind=kind, seconds=seconds, type=ggufmeta.file_type_name(meta),
+                         tensor_types=meta["l3zh.tensor_types"], **extra)
+    manifest.record_step(f"{kind}:{path.name}", seconds)
+
+
+def _clean_partials(out: Path) -> None:
+    """Leftovers of a killed run are never finished files; remove them so they can't be mistaken for any."""
+    for leftover in out.glob(f"*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
