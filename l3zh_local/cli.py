@@ -56,6 +56,7 @@ def _emit_json(data) -> None:
 @click.option("--outtype", default="auto", show_default=True,
               help="Type of the converted GGUF: auto (bf16 or f16, following the weights), f16, bf16, f32, q8_0.")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
+@click.option("--adapter", help="A PEFT LoRA adapter (folder or hub id) to merge into MODEL first.")
 @click.option("--name", help="File name stem for the outputs (default: from the model).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle weights (they can run code when loaded).")
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
@@ -63,7 +64,7 @@ def _emit_json(data) -> None:
 @click.option("--threads", type=int, default=0, help="Quantization threads (0: all cores).")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
-def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp, threads, force, as_json):
+def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, force, as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -73,7 +74,8 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
     from .quantize import parse_quant_list
 
     opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants), outtype=outtype, revision=revision,
-                         allow_pickle=allow_pickle, force=force, llama_cpp=llama_cpp, threads=threads, name=name)
+                         allow_pickle=allow_pickle, force=force, llama_cpp=llama_cpp, threads=threads, name=name,
+                         adapter=adapter)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
     if as_json:
@@ -87,6 +89,36 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
     click.echo(f"  {result.manifest.path.name:<48} what was made, from what, and how")
     first = next(iter(result.quant_ggufs.values()), result.base_gguf)
     click.echo(f"\nTry it: l3zh-local chat {first}")
+
+
+# -- merge -------------------------------------------------------------------------------------------------------
+
+@main.command("merge")
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged HF folder to write.")
+@click.option("--force", is_flag=True,
+              help="Overwrite --out, and merge even if the adapter records another base model.")
+@click.option("--allow-pickle", is_flag=True, help="Accept an adapter_model.bin (read with torch's weights-only loader).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
+def merge_cmd(base, adapter, out, force, allow_pickle, as_json):
+    """Merge a PEFT LoRA ADAPTER into BASE, shard by shard (HF folders or hub ids for both).
+
+    \b
+    l3zh-local merge ./Meta-Llama-3-8B-Instruct ./my-lora --out ./merged
+    """
+    from dataclasses import asdict
+
+    from .merge import merge_lora
+
+    report = merge_lora(base, adapter, out, force=force, allow_pickle=allow_pickle, progress=not as_json)
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        _emit_json(asdict(report))
+        return
+    click.echo(report.summary())
+    click.echo(f"Next: l3zh-local export {out} --q q4_k_m")
 
 
 # -- convert / quantize ------------------------------------------------------------------------------------------

@@ -145,8 +145,8 @@ def merge_lora(
     """
     started = time.monotonic()
     base_given = str(base_dir)
-    base_dir = _resolve(base_dir, "base model")
-    adapter_dir = _resolve(adapter_dir, "adapter")
+    base_dir = _resolve(base_dir, "base model", allow_pickle=False)
+    adapter_dir = _resolve(adapter_dir, "adapter", allow_pickle=allow_pickle)
     out_dir = Path(out_dir)
     info = inspect_model(base_dir)
     if any(p.suffix != ".safetensors" for p in info.weight_files):
@@ -195,16 +195,14 @@ def merge_lora(
 # --- inputs -------------------------------------------------------------------------------------------------
 
 
-def _resolve(source: Path | str, what: str) -> Path:
-    """A local folder as it is; anything else goes to the model resolver (hub ids, ModelScope)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    try:
-        from . import sources  # written alongside; resolves hub and ModelScope ids into local folders
-    except ImportError:
-        raise InputError(f"{what} {source} is not a local folder; give the folder it was downloaded to") from None
-    return Path(sources.resolve_model(str(source)))  # TODO(lead): align with the final sources API
+def _resolve(source: Path | str, what: str, *, allow_pickle: bool) -> Path:
+    """A local folder, or a hub id (Hugging Face, or modelscope:<id>) fetched into the hub's cache."""
+    from . import sources
+
+    path = sources.resolve(str(source), allow_pickle=allow_pickle).path
+    if not path.is_dir():
+        raise InputError(f"{what} {source} is not a folder; give a local {what} folder or a hub id (org/name)")
+    return path
 
 
 def load_adapter(adapter_dir: Path, *, allow_pickle: bool = False) -> LoraAdapter:

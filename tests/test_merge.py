@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from l3zh_local import hfmodel
-from l3zh_local.convert import convert_to_gguf
+from l3zh_local.cli import main
 from l3zh_local.errors import InputError, OutputExists
+from l3zh_local.files import sha256_file
 from l3zh_local.fixtures import build_llama3_tokenizer
 from l3zh_local.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter
 from l3zh_local.merge import merge_lora, pattern_key
@@ -313,20 +315,50 @@ def test_multi_shard_base_gives_the_same_tensors_and_an_index(tiny_llama3_dir, s
 
 
 @pytest.mark.slow
-def test_merged_gguf_matches_adapter_active_logits(tiny_llama3_dir, seed_adapter, seed_merged, tools, tmp_path):
+def test_export_with_adapter_gives_a_gguf_with_the_adapter_active_logits(tiny_llama3_dir, seed_adapter, tmp_path):
+    """`export BASE --adapter A`: merge into a temporary folder, convert; the f16 GGUF behaves like base + adapter."""
     from llama_cpp import Llama
 
-    out, _ = seed_merged
-    gguf = tmp_path / "merged.gguf"
-    outtype = convert_to_gguf(hfmodel.inspect_model(out), gguf, outtype="f16", tools=tools)
-    assert outtype == "f16"
+    out = tmp_path / "dist"
+    args = ["export", str(tiny_llama3_dir), "--adapter", str(seed_adapter), "--q", "f16", "--outtype", "f16",
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "tensors changed" in result.output
+    ggufs = sorted(out.glob("*.gguf"))
+    assert [p.name for p in ggufs] == [f"{tiny_llama3_dir.name}-adapter.f16.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([ggufs[0].name, "manifest.json"])  # merged folder gone
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapter"]["sha256"] == sha256_file(seed_adapter / "adapter_model.safetensors")
+    assert manifest["adapter"]["path"] == str(seed_adapter) and manifest["adapter"]["lora"]["r"] == 128
+    assert manifest["steps"]["merge"]["tensors_changed"] == 20
+
     ids = chat_ids()
     reference = adapter_active_logits(tiny_llama3_dir, seed_adapter, ids)
-    llm = Llama(model_path=str(gguf), logits_all=True, n_ctx=len(ids) + 8, verbose=False)
+    llm = Llama(model_path=str(ggufs[0]), logits_all=True, n_ctx=len(ids) + 8, verbose=False)
     llm.eval(ids)
     gguf_logits = torch.from_numpy(llm.scores[: len(ids)].copy())
+    del llm
     assert mean_kl(reference, gguf_logits) < 1e-4
     assert_same_top_token(reference, gguf_logits)
+
+    # A re-run reuses the GGUF without merging again; another adapter is another model and another file.
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "Reusing" in again.output and "Merging" not in again.output
+
+
+def test_merge_command(tiny_llama3_dir, small_adapter, tmp_path):
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(tiny_llama3_dir), str(small_adapter), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged 4 LoRA pairs and 0 saved modules" in result.output and "4 tensors changed" in result.output
+    assert hfmodel.inspect_model(out).n_params > 0
+    again = CliRunner().invoke(main, ["merge", str(tiny_llama3_dir), str(small_adapter), "--out", str(out)])
+    assert again.exit_code == 2 and again.output.strip().startswith("Error: ") and "--force" in again.output
+    assert len(again.output.strip().splitlines()) == 1
+    as_json = CliRunner().invoke(main, ["merge", str(tiny_llama3_dir), str(small_adapter), "--out", str(out),
+                                        "--force", "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.output)["tensors_changed"] == 4
 
 
 # --- refusals -----------------------------------------------------------------------------------------------
@@ -438,4 +470,4 @@ def test_refuses_pickles_and_existing_output(tiny_llama3_dir, small_adapter, tmp
     report = merge_lora(tiny_llama3_dir, pickled, out, progress=False, allow_pickle=True, force=True)
     assert report.tensors_changed == 4 and not (out / "keep.txt").exists()
     refuse(tiny_llama3_dir, small_adapter, tiny_llama3_dir / "merged", "overlaps the input")
-    refuse(tiny_llama3_dir, tmp_path / "nowhere", tmp_path / "out", "not a local folder")
+    refuse(tiny_llama3_dir, tmp_path / "nowhere", tmp_path / "out", "adapter .*nowhere is not a folder")
