@@ -438,10 +438,8 @@ def _check_changes_something(adapter: LoraAdapter) -> None:
         raise InputError(f"the adapter {adapter.path} holds no LoRA weights and no saved modules: nothing to merge")
     if adapter.replacements:
         return
-    from safetensors import safe_open
-
-    with safe_open(str(adapter.weights), framework="pt") as fh:
-        if all(not fh.get_tensor(p.b_key).any() for p in adapter.pairs.values()):
+    with _TensorFile(adapter.weights, adapter.tensors) as fh:
+        if all(not fh.get(p.b_key).any() for p in adapter.pairs.values()):
             raise InputError(
                 f"every lora_B in {adapter.path} is zero, so it changes nothing (an untrained adapter?); "
                 "give the trained adapter"
@@ -469,15 +467,54 @@ class _Stats:
     largest_merged_bytes: int = 0
 
 
+class _TensorFile:
+    """Tensors of a safetensors file read with plain reads at the header's offsets.
+
+    Not memory-mapped on purpose: pages of a mapping stay in the process's resident set until it is closed,
+    so reading a whole shard through one would cost a shard of RSS; a read copies just the tensor asked for.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, dict]):
+        self.path, self.tensors = Path(path), tensors
+        self.fh = open(self.path, "rb")
+        (header_len,) = struct.unpack("<Q", self.fh.read(8))
+        self.data_start = 8 + header_len
+
+    def __enter__(self) -> _TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+    def raw(self, name: str) -> bytearray:
+        entry = self.tensors[name]
+        buf = bytearray(_nbytes(entry))
+        self.fh.seek(self.data_start + entry["data_offsets"][0])
+        if self.fh.readinto(buf) != len(buf):
+            raise InputError(f"{self.path} ended early; is the download complete?")
+        return buf
+
+    def get(self, name: str):
+        import torch
+
+        entry = self.tensors[name]
+        if entry["dtype"] not in _TORCH_DTYPES:
+            raise InputError(f"{self.path}: {name} is {entry['dtype']}, not a float type; is it quantized?")
+        dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
+        if _nbytes(entry) == 0:
+            return torch.zeros(entry["shape"], dtype=dtype)
+        return torch.frombuffer(self.raw(name), dtype=dtype).reshape(entry["shape"])
+
+
 def _write_merged(info: ModelInfo, adapter: LoraAdapter, out: Path, *, progress: bool) -> _Stats:
-    from safetensors import safe_open
     from tqdm import tqdm
 
     stats = _Stats()
     bar = tqdm(total=info.weight_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
-    with safe_open(str(adapter.weights), framework="pt") as adapter_fh, bar:
+    with _TensorFile(adapter.weights, adapter.tensors) as adapter_file, bar:
         for shard in info.safetensors:
-            _write_shard(shard, out / shard.path.name, adapter, adapter_fh, stats, bar)
+            with _TensorFile(shard.path, shard.tensors) as base_file:
+                _write_shard(base_file, out / shard.path.name, adapter, adapter_file, stats, bar)
     index = info.path / INDEX_NAME
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
@@ -488,30 +525,32 @@ def _write_merged(info: ModelInfo, adapter: LoraAdapter, out: Path, *, progress:
     return stats
 
 
-def _write_shard(shard: SafetensorsFile, dst: Path, adapter: LoraAdapter, adapter_fh, stats: _Stats, bar) -> None:
-    """Copy `shard` to `dst` with the same header, changing the bytes of the tensors the adapter touches."""
-    with open(shard.path, "rb") as src, open(dst, "wb") as out:
-        (header_len,) = struct.unpack("<Q", src.read(8))
-        src.seek(0)
-        out.write(src.read(8 + header_len))  # the header stays valid: same names, dtypes, shapes, offsets
-        data_start = 8 + header_len
+def _write_shard(base: _TensorFile, dst: Path, adapter: LoraAdapter, adapter_file: _TensorFile, stats: _Stats,
+                 bar) -> None:
+    """Copy a base shard to `dst` with the same header, changing the bytes of the tensors the adapter touches."""
+    with open(dst, "wb") as out:
+        base.fh.seek(0)
+        out.write(base.fh.read(base.data_start))  # the header stays valid: same names, dtypes, shapes, offsets
         position = 0
-        for name, entry in sorted(shard.tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for name, entry in sorted(base.tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = entry["data_offsets"]
             if begin != position:  # safetensors files are packed; a gap would shift everything after it
-                raise InputError(f"{shard.path} has an unexpected layout at {name}; re-save the base model")
-            src.seek(data_start + begin)
-            merged = _merged_bytes(name, entry, src, adapter, adapter_fh, stats)
+                raise InputError(f"{base.path} has an unexpected layout at {name}; re-save the base model")
+            merged = _merged_bytes(name, base, adapter, adapter_file)
             if merged is None:
-                _copy_range(src, out, end - begin)
+                base.fh.seek(base.data_start + begin)
+                _copy_range(base.fh, out, end - begin)
             else:
-                out.write(merged)
+                new_bytes, work_bytes = merged
+                out.write(new_bytes)
+                stats.changed += int(_differs(base, entry, new_bytes))
+                stats.largest_merged_bytes = max(stats.largest_merged_bytes, work_bytes)
             position = end
             bar.update(end - begin)
 
 
-def _merged_bytes(name: str, entry: dict, src, adapter: LoraAdapter, adapter_fh, stats: _Stats):
-    """The new bytes of a tensor the adapter changes (counted in stats when they differ), else None."""
+def _merged_bytes(name: str, base: _TensorFile, adapter: LoraAdapter, adapter_file: _TensorFile):
+    """(new bytes, float32 working bytes) of a tensor the adapter changes, else None."""
     pair = adapter.pairs.get(name)
     bias_pair = adapter.biases.get(name)
     replacement = adapter.replacements.get(name)
@@ -519,29 +558,37 @@ def _merged_bytes(name: str, entry: dict, src, adapter: LoraAdapter, adapter_fh,
         return None
     import torch
 
-    dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
-    raw = bytearray(_nbytes(entry))
-    if src.readinto(raw) != len(raw):
-        raise InputError(f"{src.name} ended early; is the base model download complete?")
-    base = torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
-    # A saved full tensor (modules_to_save, or the embedding base layer) first; then the low-rank update on top.
-    work = (adapter_fh.get_tensor(replacement) if replacement else base).to(torch.float32, copy=True)
+    dtype = getattr(torch, _TORCH_DTYPES[base.tensors[name]["dtype"]])
+    if pair is None and bias_pair is None:  # only a saved full tensor (modules_to_save): cast it, no float32 copy
+        merged = adapter_file.get(replacement).to(dtype)
+        return merged.contiguous().view(torch.uint8).reshape(-1).numpy(), 0
+    # A saved full tensor (the embedding PEFT saves beside its LoRA) first; then the low-rank update on top.
+    work = (adapter_file.get(replacement) if replacement else base.get(name)).to(torch.float32, copy=True)
     if pair is not None:
-        a = adapter_fh.get_tensor(pair.a_key).to(torch.float32)
-        b = adapter_fh.get_tensor(pair.b_key).to(torch.float32)
+        a = adapter_file.get(pair.a_key).to(torch.float32)
+        b = adapter_file.get(pair.b_key).to(torch.float32)
         if pair.transposed:  # delta = (B @ A)^T = A^T @ B^T
             work.addmm_(a.T, b.T, alpha=pair.scale)
         else:
             work.addmm_(b, a, alpha=pair.scale)
     if bias_pair is not None:
-        work.add_(adapter_fh.get_tensor(bias_pair.bias_key).to(torch.float32), alpha=bias_pair.scale)
+        work.add_(adapter_file.get(bias_pair.bias_key).to(torch.float32), alpha=bias_pair.scale)
     if not torch.isfinite(work).all():
         raise InputError(f"merging gives NaN or infinite values in {name}; the adapter is broken")
-    stats.largest_merged_bytes = max(stats.largest_merged_bytes, work.numel() * 4)
-    merged = work.to(dtype).contiguous().view(torch.uint8).reshape(-1)
+    work_bytes = work.numel() * 4
+    merged = work.to(dtype)
     del work
-    stats.changed += int(not torch.equal(merged, torch.frombuffer(raw, dtype=torch.uint8)))
-    return merged.numpy()
+    return merged.contiguous().view(torch.uint8).reshape(-1).numpy(), work_bytes
+
+
+def _differs(base: _TensorFile, entry: dict, new_bytes) -> bool:
+    """Do `new_bytes` differ from the base tensor's bytes? Compared block by block, never all in memory."""
+    view = memoryview(new_bytes).cast("B")
+    base.fh.seek(base.data_start + entry["data_offsets"][0])
+    for start in range(0, len(view), _COPY_CHUNK):
+        if base.fh.read(_COPY_CHUNK if start + _COPY_CHUNK <= len(view) else len(view) - start) != view[start:start + _COPY_CHUNK]:
+            return True
+    return False
 
 
 def _copy_range(src, out, length: int) -> None:
