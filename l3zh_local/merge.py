@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .errors import InputError, OutputExists
 from .files import ensure_free_space, ensure_writable_dir, human_size, sha256_file
-from .hfmodel import ModelInfo, SafetensorsFile, inspect_model, read_safetensors_header
+from .hfmodel import ModelInfo, inspect_model, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -152,9 +152,19 @@ def merge_lora(
     if any(p.suffix != ".safetensors" for p in info.weight_files):
         raise InputError(f"{base_dir} has only pickle weights; the merge reads safetensors: convert the base first")
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    try:
+        return _merge_checked(info, adapter, out_dir, base_given=base_given, force=force, progress=progress,
+                              started=started)
+    finally:
+        if adapter.weights.parent != adapter.path:  # the temporary safetensors copy of an adapter_model.bin
+            shutil.rmtree(adapter.weights.parent, ignore_errors=True)
+
+
+def _merge_checked(info: ModelInfo, adapter: LoraAdapter, out_dir: Path, *, base_given: str, force: bool,
+                   progress: bool, started: float) -> MergeReport:
     warnings = check_adapter_fits(info, adapter, base_given=base_given, force=force)
     _check_changes_something(adapter)
-    _check_out_dir(out_dir, base_dir, adapter_dir, force=force)
+    _check_out_dir(out_dir, info.path, adapter.path, force=force)
 
     ensure_writable_dir(out_dir.parent)
     ensure_free_space(out_dir.parent, info.weight_bytes, "the merged model")
@@ -166,14 +176,15 @@ def merge_lora(
         stats = _write_merged(info, adapter, partial, progress=progress)
         if stats.changed == 0:
             raise InputError(
-                f"the adapter {adapter_dir} changes nothing in {base_dir} (every update rounds away in "
+                f"the adapter {adapter.path} changes nothing in {info.path} (every update rounds away in "
                 f"{info.weight_dtype}); check that it is the trained adapter"
             )
-        copied, from_adapter = _copy_side_files(base_dir, adapter_dir, partial)
+        copied, from_adapter = _copy_side_files(info.path, adapter.path, partial)
         _publish(partial, out_dir, force=force)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    given_weights = adapter.path / (ADAPTER_WEIGHTS if (adapter.path / ADAPTER_WEIGHTS).is_file() else ADAPTER_PICKLE)
     return MergeReport(
         out_dir=out_dir,
         lora_pairs_applied=len(adapter.pairs),
@@ -182,8 +193,8 @@ def merge_lora(
         output_shards=[p.name for p in info.weight_files],
         base_bytes=info.weight_bytes,
         largest_shard_bytes=max(p.stat().st_size for p in info.weight_files),
-        adapter_bytes=adapter.nbytes,
-        adapter_sha256=sha256_file(adapter.weights),
+        adapter_bytes=given_weights.stat().st_size,
+        adapter_sha256=sha256_file(given_weights),
         largest_merged_tensor_bytes=stats.largest_merged_bytes,
         files_copied=copied,
         files_from_adapter=from_adapter,
@@ -354,6 +365,11 @@ def check_adapter_fits(info: ModelInfo, adapter: LoraAdapter, *, base_given: str
     missing = [p.target for p in adapter.pairs.values() if p.target not in base]
     missing += [b for b in adapter.biases if b not in base]
     missing += [r for r in adapter.replacements if r not in base]
+    if "lm_head.weight" in missing and info.config.get("tie_word_embeddings"):
+        raise InputError(
+            f"{info.path} ties lm_head to embed_tokens, but the adapter trains lm_head on its own; merge it with "
+            "PEFT into an untied copy of the base"
+        )
     if missing:
         raise InputError(
             f"the adapter targets {len(missing)} tensor(s) the base model lacks (first: {missing[0]}); "

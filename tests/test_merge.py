@@ -471,3 +471,27 @@ def test_refuses_pickles_and_existing_output(tiny_llama3_dir, small_adapter, tmp
     assert report.tensors_changed == 4 and not (out / "keep.txt").exists()
     refuse(tiny_llama3_dir, small_adapter, tiny_llama3_dir / "merged", "overlaps the input")
     refuse(tiny_llama3_dir, tmp_path / "nowhere", tmp_path / "out", "adapter .*nowhere is not a folder")
+
+
+def test_refuses_lm_head_for_a_base_with_tied_embeddings(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).save_pretrained(tmp_path / "untied")
+    adapter = random_lora_adapter(tmp_path / "untied", tmp_path / "adapter", r=4, lora_alpha=8,
+                                  target_modules=["q_proj"], modules_to_save=["lm_head"])
+    refuse(tmp_path / "tied", adapter, tmp_path / "out", "ties lm_head to embed_tokens", force=True)
+
+
+def test_interrupted_merge_leaves_nothing_that_looks_finished(tiny_llama3_dir, small_adapter, tmp_path, monkeypatch):
+    from l3zh_local import merge
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "_copy_side_files", interrupt)  # after every shard is written, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        merge_lora(tiny_llama3_dir, small_adapter, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
