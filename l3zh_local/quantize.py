@@ -94,7 +94,7 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
     """
     import llama_cpp
 
-    from .toolchain import native_stderr_to, quiet_libllama, watch_file_growth
+    from .toolchain import deferred_interrupt, native_stderr_to, quiet_libllama, watch_file_growth
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -110,7 +110,8 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
         with native_stderr_to(log_path) as terminal:
             stop = watch_file_growth(tmp, expected, f"quantize to {qtype.name}", stream=terminal)
             try:
-                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+                with deferred_interrupt():
+                    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             finally:
                 stop.set()
         if rc != 0:

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -241,6 +242,26 @@ def native_stderr_to(log_path: Path) -> Iterator[TextIO]:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until a native call returns, then raise KeyboardInterrupt.
+
+    libllama calls back into Python to log; a KeyboardInterrupt raised inside such a callback is swallowed by
+    ctypes, and the work would silently go on. Recording the signal and raising afterwards keeps Ctrl-C working.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _last_error_line(log_path: Path) -> str:
