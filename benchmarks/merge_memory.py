@@ -165,7 +165,8 @@ def main() -> None:
     print(f"# LoRA merge: peak memory and time\n")
     print(f"Command: `{' '.join(['python3 benchmarks/merge_memory.py', *sys.argv[1:]])}`  ")
     print(f"Machine: {os.cpu_count()} logical cores; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}; page cache warm for both; build (cached after the first run) {built:.0f} s.\n")
+          f"peft {peft.__version__}; page cache warm for both; cores shared with other jobs, so times are "
+          f"indicative. Building the model and adapter took {built:.0f} s (cached after the first run).\n")
     print(f"Base: random bf16 Llama, hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, vocab {args.vocab}: "
           f"{human_size(model_bytes)} in {len(shards)} shards, largest {human_size(largest)}.  ")
     print(f"Adapter: r={args.rank}, alpha={2 * args.rank}, q/k/v/o/gate/up/down, modules_to_save "
