@@ -146,14 +146,14 @@ def _resolve_adapter(opts: ExportOptions) -> tuple[sources.ModelSource | None, d
     """The adapter folder and what the manifest records of it: where from, and the hash of its weights."""
     if not opts.adapter:
         return None, None
-    from .merge import ADAPTER_CONFIG, load_adapter
+    from .merge import ADAPTER_CONFIG, adapter_weights_file, read_adapter_config
 
     adapter = sources.resolve(opts.adapter, allow_pickle=opts.allow_pickle)
-    loaded = load_adapter(adapter.path, allow_pickle=opts.allow_pickle)  # refuses what cannot be merged, early
-    config = loaded.config
+    config = read_adapter_config(adapter.path)  # refuses what cannot be merged, before any work
+    weights = adapter_weights_file(adapter.path, allow_pickle=opts.allow_pickle)
     record = adapter.describe() | {
-        "weights": loaded.weights.name,
-        "sha256": sha256_file(loaded.weights),
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
         "config_sha256": sha256_file(adapter.path / ADAPTER_CONFIG),
         "lora": {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
                                             "base_model_name_or_path")},

@@ -95,10 +95,6 @@ class LoraAdapter:
     biases: dict[str, LoraPair]  # base bias name -> update whose lora_B.bias applies to it
     replacements: dict[str, str]  # base tensor name -> adapter tensor name (full tensor)
 
-    @property
-    def nbytes(self) -> int:
-        return self.weights.stat().st_size
-
 
 @dataclass
 class MergeReport:
@@ -184,7 +180,7 @@ def _merge_checked(info: ModelInfo, adapter: LoraAdapter, out_dir: Path, *, base
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    given_weights = adapter.path / (ADAPTER_WEIGHTS if (adapter.path / ADAPTER_WEIGHTS).is_file() else ADAPTER_PICKLE)
+    given_weights = adapter_weights_file(adapter.path, allow_pickle=True)
     return MergeReport(
         out_dir=out_dir,
         lora_pairs_applied=len(adapter.pairs),
@@ -217,7 +213,23 @@ def _resolve(source: Path | str, what: str, *, allow_pickle: bool) -> Path:
 
 
 def load_adapter(adapter_dir: Path, *, allow_pickle: bool = False) -> LoraAdapter:
-    """Read a PEFT LoRA adapter's config and tensor index (no weights yet), refusing what cannot be merged."""
+    """Read a PEFT LoRA adapter's config and tensor index (no weights yet), refusing what cannot be merged.
+
+    An adapter_model.bin (with allow_pickle) is read with torch's weights-only loader into a temporary
+    safetensors file; `merge_lora` removes it when done.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights = adapter_weights_file(adapter_dir, allow_pickle=allow_pickle)
+    if weights.name == ADAPTER_PICKLE:
+        weights = _pickle_to_safetensors(weights)
+    tensors = read_safetensors_header(weights).tensors
+    pairs, biases, replacements = _index_tensors(tensors, config, weights)
+    return LoraAdapter(adapter_dir, config, weights, tensors, pairs, biases, replacements)
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, refusing PEFT types and LoRA variants that cannot be merged into the weights."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise InputError(f"adapter {adapter_dir} is not a folder; give the folder with {ADAPTER_CONFIG}")
@@ -229,21 +241,23 @@ def load_adapter(adapter_dir: Path, *, allow_pickle: bool = False) -> LoraAdapte
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{config_path} is not valid JSON ({exc})") from None
     _check_config(config, adapter_dir)
+    return config
 
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        if (adapter_dir / ADAPTER_PICKLE).is_file():
-            if not allow_pickle:
-                raise InputError(
-                    f"{adapter_dir} has only {ADAPTER_PICKLE}, a pickle that can run code when loaded: save it as "
-                    f"safetensors, or pass --allow-pickle if you trust the source"
-                )
-            weights = _pickle_to_safetensors(adapter_dir / ADAPTER_PICKLE)
-        else:
-            raise InputError(f"{adapter_dir} holds no {ADAPTER_WEIGHTS}; is the adapter download complete?")
-    tensors = read_safetensors_header(weights).tensors
-    pairs, biases, replacements = _index_tensors(tensors, config, weights)
-    return LoraAdapter(adapter_dir, config, weights, tensors, pairs, biases, replacements)
+
+def adapter_weights_file(adapter_dir: Path, *, allow_pickle: bool = False) -> Path:
+    """The adapter's weights as the user gave them: adapter_model.safetensors, or (if allowed) adapter_model.bin."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if weights.is_file():
+        return weights
+    pickle = Path(adapter_dir) / ADAPTER_PICKLE
+    if not pickle.is_file():
+        raise InputError(f"{adapter_dir} holds no {ADAPTER_WEIGHTS}; is the adapter download complete?")
+    if not allow_pickle:
+        raise InputError(
+            f"{adapter_dir} has only {ADAPTER_PICKLE}, a pickle that can run code when loaded: save it as "
+            "safetensors, or pass --allow-pickle if you trust the source"
+        )
+    return pickle
 
 
 def _check_config(config: dict, adapter_dir: Path) -> None:

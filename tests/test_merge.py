@@ -495,3 +495,12 @@ def test_interrupted_merge_leaves_nothing_that_looks_finished(tiny_llama3_dir, s
     with pytest.raises(KeyboardInterrupt):
         merge_lora(tiny_llama3_dir, small_adapter, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_bad_adapter_before_any_work(tiny_llama3_dir, small_adapter, tmp_path):
+    dora = edit_adapter(small_adapter, tmp_path / "dora", config={"use_dora": True})
+    out = tmp_path / "dist"
+    result = CliRunner().invoke(main, ["export", str(tiny_llama3_dir), "--adapter", str(dora), "--out", str(out)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("Error: DoRA")
+    assert not out.exists() or not any(out.iterdir())
