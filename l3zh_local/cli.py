@@ -62,9 +62,19 @@ def _emit_json(data) -> None:
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
               help="Use this llama.cpp checkout's converter instead of the pinned one.")
 @click.option("--threads", type=int, default=0, help="Quantization threads (0: all cores).")
+@click.option("--imatrix/--no-imatrix", "use_imatrix", default=None,
+              help="Weigh quantization by an importance matrix computed with the HF model over calibration text "
+                   "(default: on for models up to 4B parameters).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
+@click.option("--template", help="Chat template family (see `l3zh-local templates`); default: detected.")
+@click.option("--template-file", type=click.Path(path_type=Path), help="A custom Jinja chat template.")
+@click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for.")
+@click.option("--ollama", "ollama_name", help="Also register the first quant with `ollama create NAME`.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
-def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, force, as_json):
+def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
+           calibration, template, template_file, num_ctx, ollama_name, force, as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -73,8 +83,11 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
     from .export import ExportOptions, run_export
     from .quantize import parse_quant_list
 
-    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants), outtype=outtype, revision=revision,
-                         allow_pickle=allow_pickle, force=force, llama_cpp=llama_cpp, threads=threads, name=name,
+    imatrix_mode = "auto" if use_imatrix is None else ("on" if use_imatrix else "off")
+    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=use_imatrix is not False),
+                         outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
+                         llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
+                         calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx,
                          adapter=adapter)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
@@ -88,7 +101,18 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
             click.echo(f"  {fname:<48} {entry.get('type', ''):<8} {entry['size'] / 1024**2:9.1f} MiB")
     click.echo(f"  {result.manifest.path.name:<48} what was made, from what, and how")
     first = next(iter(result.quant_ggufs.values()), result.base_gguf)
-    click.echo(f"\nTry it: l3zh-local chat {first}")
+    modelfile, preset, _legacy = result.deploy_files[first.name]
+    click.echo(f"  Beside each GGUF: <name>.Modelfile (Ollama), <name>.preset.json and <name>.legacy.preset.json "
+               f"(LM Studio), chat template {result.family.name}.")
+    click.echo(f"\nTry it:  l3zh-local chat {first}")
+    from .deploy import install_hint, ollama_create
+
+    if ollama_name:
+        created = ollama_create(ollama_name, modelfile)
+        click.echo(f"Ollama:  ollama run {ollama_name}" if created.ran else f"Ollama:  {created.command}")
+    else:
+        click.echo(f"Ollama:  cd {modelfile.parent} && ollama create {first.stem} -f {modelfile.name}")
+    click.echo(install_hint(first.name, first.stem))
 
 
 # -- merge -------------------------------------------------------------------------------------------------------
@@ -248,6 +272,83 @@ def _cpu_features() -> list[str]:
         return []
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     return [f for f in ("avx", "avx2", "avx512f", "fma", "f16c", "avx_vnni", "amx_tile") if f in flags]
+
+# -- chat templates and deployment files ---------------------------------------------------------------------------
+
+SAMPLE_CHAT = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"},
+    {"role": "user", "content": "你好！"},
+    {"role": "assistant", "content": "你好，有什么可以帮你？"},
+    {"role": "user", "content": "介绍一下北京。"},
+]
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def templates(ctx):
+    """List the chat families (`templates show NAME` renders one for a sample chat)."""
+    if ctx.invoked_subcommand is None:
+        from .templates import list_families
+
+        for family in list_families():
+            stops = ", ".join(family.stop_tokens)
+            click.echo(f"{family.name:<22} {family.description}\n{'':<22} EOS {family.eos_token}; stops {stops}")
+
+
+@templates.command("show")
+@click.argument("name")
+@click.option("--ollama", "show_ollama", is_flag=True, help="Also print the Ollama TEMPLATE.")
+@click.option("--jinja", "show_jinja", is_flag=True, help="Also print the Jinja chat template.")
+def templates_show(name, show_ollama, show_jinja):
+    """Render family NAME for a sample chat (the prompt text the model sees, BOS included where it belongs)."""
+    from .templates import get_family, render_prompt
+
+    family = get_family(name)
+    click.echo(f"{family.name}: {family.description}")
+    click.echo(f"EOS {family.eos_token}; stops {', '.join(family.stop_tokens)}; default system: "
+               f"{family.default_system!r}")
+    s = family.sampling
+    click.echo(f"sampling: temperature {s.temperature}, top_p {s.top_p}, repeat_penalty {s.repeat_penalty}, "
+               f"num_predict {s.num_predict}")
+    click.echo("\n--- prompt for a sample chat ---")
+    click.echo(render_prompt(family, SAMPLE_CHAT))
+    if show_jinja:
+        click.echo("--- Jinja (GGUF tokenizer.chat_template) ---")
+        click.echo(family.jinja)
+    if show_ollama:
+        click.echo("--- Ollama TEMPLATE ---")
+        click.echo(family.ollama_template() or "(none: custom template without an Ollama template)")
+
+
+@main.command("ollama-create")
+@click.argument("name")
+@click.argument("path", type=click.Path(path_type=Path))
+def ollama_create_cmd(name, path):
+    """Register a GGUF with Ollama as NAME; PATH is its Modelfile or the GGUF next to it.
+
+    Runs `ollama create` (CLI, else the ollama Python client); without either, prints the exact command.
+    """
+    from .deploy import deploy_paths, ollama_create
+
+    modelfile = deploy_paths(path)["modelfile"] if path.name.endswith(".gguf") else path
+    result = ollama_create(name, modelfile)
+    if result.ran:
+        click.echo(result.output.strip() or f"Created {name}.")
+        click.echo(f"Try it: ollama run {name}")
+    else:
+        click.echo("Ollama is not installed here (no `ollama` command, no ollama Python package). Run:")
+        click.echo(f"  {result.command}")
+
+
+@main.command("modelfiles")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("modelfiles"), show_default=True,
+              help="Folder to write into.")
+def modelfiles_cmd(out):
+    """Regenerate the Modelfile and LM Studio presets of every published GGUF of the seed's models."""
+    from .recipes import regenerate_modelfiles
+
+    for path in regenerate_modelfiles(out):
+        click.echo(f"Wrote {path}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import convert, ggufmeta, hfmodel, sources, toolchain
-from .errors import OutputExists
+from . import convert, deploy, ggufmeta, hfmodel, imatrix, recipes, sources, templates, toolchain
+from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
 from .hfmodel import estimate_gguf_bytes
 from .manifest import Manifest, fingerprint_folder, step_key
@@ -36,6 +36,11 @@ class ExportOptions:
     llama_cpp: Path | None = None
     threads: int = 0
     name: str | None = None  # file stem; default from the source
+    imatrix: str = "auto"  # "on", "off", or "auto": on for models up to imatrix.AUTO_MAX_PARAMS
+    calibration: Path | None = None  # text for the importance matrix; default: the packaged calibration text
+    template: str | None = None  # a chat family name (templates.list_families)
+    template_file: Path | None = None  # a custom Jinja chat template
+    num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id) merged into the source first
 
 
@@ -47,6 +52,8 @@ class ExportResult:
     quant_ggufs: dict[str, Path]
     reused: list[str]
     manifest: Manifest
+    family: templates.ChatFamily
+    deploy_files: dict[str, list[Path]]  # GGUF file name -> its Modelfile and presets
     adapter: sources.ModelSource | None = None
 
 
@@ -77,6 +84,13 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     out = ensure_writable_dir(opts.out)
     stem = file_stem(source, info, opts.name, adapter)
     outtype = convert.resolve_outtype(info, opts.outtype)
+    recipe = _recipe_for(source)
+    # A fine-tune's own chat template (saved beside the adapter) decides the family over the base's.
+    family = choose_family(opts, info, recipe, adapter.path if adapter else None)
+    num_ctx = opts.num_ctx or (recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192,
+                                                                   8192))
+    log(f"Chat template: {family.name} (EOS {family.eos_token}, stops {', '.join(family.stop_tokens)}).")
+    overrides = convert.TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token)
 
     manifest = Manifest.load(out)
     manifest.set_run_info(
@@ -84,17 +98,27 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         model={"architecture": info.architecture, "n_params": info.n_params, "weight_dtype": info.weight_dtype,
                "context_length": info.config.get("max_position_embeddings")},
         toolchain=tools.describe(),
-        settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads},
+        settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads,
+                  "num_ctx": num_ctx},
+        template={"family": family.name, "eos_token": family.eos_token, "stop_tokens": list(family.stop_tokens),
+                  "default_system": family.default_system, "recipe": recipe.name if recipe else None,
+                  "jinja_sha256": templates.template_hash(family.jinja)},
         adapter=adapter_record,
     )
     _clean_partials(out)
 
     base = out / f"{stem}.{outtype}.gguf"
     targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
-    # With an adapter the 16-bit GGUF also depends on the adapter's weights (its sha256) and config.
+    # With an adapter the weights also depend on the adapter's weights (its sha256) and config.
     adapter_parts = [adapter_record["sha256"], adapter_record["config_sha256"]] if adapter_record else []
-    convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version, *adapter_parts)
-    quant_keys = {name: step_key("quantize", convert_key, name) for name in targets}
+    convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version,
+                           family.jinja, family.eos_token, *adapter_parts)
+    use_imatrix = _wants_imatrix(opts, info, targets)
+    calibration = _calibration_text(opts) if use_imatrix else None
+    imatrix_path = out / f"{stem}.imatrix.safetensors"
+    imatrix_key = (step_key("imatrix", manifest.data["source"]["files"], calibration, *adapter_parts)
+                   if use_imatrix else None)
+    quant_keys = {name: step_key("quantize", convert_key, name, imatrix_key) for name in targets}
 
     to_do = [p for p, k in [(base, convert_key), *((targets[n], quant_keys[n]) for n in targets)]
              if opts.force or not manifest.reusable(p, k)]
@@ -103,25 +127,31 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             raise OutputExists(f"{path} exists and was not made by this export with these settings; "
                                "pass --force to overwrite it or choose another --out")
     needed = sum(estimate_gguf_bytes(info, _bits(p, outtype, opts.quants)) for p in to_do)
-    if adapter is not None and base in to_do:
-        needed += info.weight_bytes  # the merged HF folder, removed once converted
+    if adapter is not None and to_do:
+        needed += info.weight_bytes  # the merged HF folder, removed once converted (and the imatrix computed)
     ensure_free_space(out, needed, f"{len(to_do)} GGUF file(s) ({human_size(needed)})")
 
     reused: list[str] = []
-    if base in to_do:
-        log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
-            f"{tools.runtime_version})...")
-        started = time.monotonic()
-        if adapter is None:
-            convert.convert_to_gguf(info, base, outtype=outtype, tools=tools, force=True)
+    weights = _Weights(opts, source, info, adapter, out / f"{stem}{MERGED_SUFFIX}", manifest, log)
+    try:
+        if base in to_do:
+            model_info = weights.info()  # merges the adapter first, when there is one
+            log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
+                f"{tools.runtime_version})...")
+            started = time.monotonic()
+            convert.convert_to_gguf(model_info, base, outtype=outtype, overrides=overrides, tools=tools, force=True)
+            _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
+            manifest.save()
         else:
-            _merge_and_convert(opts, source, adapter, out / f"{stem}{MERGED_SUFFIX}", base, outtype, tools,
-                               manifest, log)
-        _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
-        manifest.save()
-    else:
-        reused.append(base.name)
-        log(f"Reusing {base.name} (same source and settings as the last run).")
+            reused.append(base.name)
+            log(f"Reusing {base.name} (same source and settings as the last run).")
+
+        importance = None
+        if use_imatrix and any(p in to_do for p in targets.values()):
+            importance = _importance_matrix(manifest, weights, imatrix_path, imatrix_key, calibration, log,
+                                            reuse=not opts.force)
+    finally:
+        weights.cleanup()
 
     for name, path in targets.items():
         qtype = next(q for q in opts.quants if q.name == name)
@@ -131,15 +161,94 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             continue
         log(f"Quantizing to {name} ({qtype.note})...")
         started = time.monotonic()
-        note = quantize(base, path, qtype, n_params=info.n_params, threads=opts.threads, force=True)
+        note = quantize(base, path, qtype, n_params=info.n_params, threads=opts.threads, imatrix=importance,
+                        force=True)
         if note:
             log(f"  note: {note} (row sizes not a multiple of 256 cannot take k-quants)")
         _record_gguf(manifest, path, quant_keys[name], "quant", time.monotonic() - started, fallback=note)
         manifest.save()
 
+    model_name = f"{stem}" if not source.is_demo else "smollm2-135m-instruct-demo"
+    written: dict[str, list[Path]] = {}
+    for gguf in (base, *targets.values()):
+        written[gguf.name] = deploy.write_deploy_files(gguf, family, model_name, num_ctx)
+        manifest.data["files"][gguf.name]["deploy_files"] = [p.name for p in written[gguf.name]]
     manifest.save()
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
-                        manifest=manifest, adapter=adapter)
+                        manifest=manifest, family=family, deploy_files=written, adapter=adapter)
+
+
+def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.Recipe | None,
+                  adapter_dir: Path | None = None) -> templates.ChatFamily:
+    """--template-file, else --template, else the model's own template if known, else its recipe, else refuse.
+
+    With an adapter, a chat template saved beside it (fine-tuning tools save the tokenizer there) comes first.
+    """
+    if opts.template_file is not None:
+        return templates.family_from_file(opts.template_file)
+    if opts.template is not None:
+        return templates.get_family(opts.template)
+    own = convert.existing_chat_template(adapter_dir) if adapter_dir is not None else None
+    own = own or convert.existing_chat_template(info.path)
+    return templates.detect_family(own, recipe.family_name if recipe else None)
+
+
+def _recipe_for(source: sources.ModelSource) -> recipes.Recipe | None:
+    names = [source.ref, source.path.name] + (["smollm2-135m-instruct"] if source.is_demo else [])
+    try:
+        return next((r for r in map(recipes.find_recipe, names) if r is not None), None)
+    except InputError:  # no convert/ folder next to this installation: recipes are optional
+        return None
+
+
+# Types whose rounding does not use an importance matrix.
+_NO_IMATRIX_EFFECT = {"q8_0", "f16", "bf16", "f32"}
+
+
+def _wants_imatrix(opts: ExportOptions, info: hfmodel.ModelInfo, targets: dict[str, Path]) -> bool:
+    needing = [q.name for q in opts.quants if q.needs_imatrix]
+    if opts.imatrix == "off":
+        if needing:
+            raise InputError(f"{needing[0]} needs an importance matrix, but --no-imatrix was given")
+        return False
+    if not any(name not in _NO_IMATRIX_EFFECT for name in targets):
+        return False
+    if opts.imatrix == "auto" and info.n_params > imatrix.AUTO_MAX_PARAMS:
+        if needing:
+            raise InputError(f"{needing[0]} needs an importance matrix: add --imatrix (it runs the HF model over "
+                             "the calibration text on this machine)")
+        return False
+    return True
+
+
+def _calibration_text(opts: ExportOptions) -> str:
+    if opts.calibration is None:
+        return imatrix.default_calibration_text()
+    try:
+        return Path(opts.calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read calibration text {opts.calibration}: {exc}") from None
+
+
+def _importance_matrix(manifest: Manifest, weights: _Weights, path: Path, key: str, text: str,
+                       log: Callable[[str], None], *, reuse: bool) -> dict:
+    if reuse and manifest.reusable(path, key):
+        log(f"Reusing {path.name}.")
+        return imatrix.load_imatrix(path)
+    log("Computing an importance matrix with the HF model over the calibration text "
+        "(better low-bit quants; --no-imatrix skips it)...")
+    started = time.monotonic()
+    data = imatrix.compute_imatrix(weights.path(), text)
+    from .files import atomic_output
+
+    with atomic_output(path, force=True) as tmp:
+        imatrix.save_imatrix(tmp, data)
+    seconds = time.monotonic() - started
+    manifest.record_file(path, key, kind="imatrix", seconds=seconds, tensors=len(data),
+                         calibration_chars=len(text))
+    manifest.record_step("imatrix", seconds)
+    manifest.save()
+    return data
 
 
 def _resolve_adapter(opts: ExportOptions) -> tuple[sources.ModelSource | None, dict | None]:
@@ -161,24 +270,46 @@ def _resolve_adapter(opts: ExportOptions) -> tuple[sources.ModelSource | None, d
     return adapter, record
 
 
-def _merge_and_convert(opts, source, adapter, merged_dir: Path, gguf: Path, outtype: str, tools, manifest, log) -> None:
-    """Merge the adapter into a temporary HF folder under the output folder, convert it, remove it."""
-    from .merge import merge_lora
+class _Weights:
+    """The HF folder the GGUF and the importance matrix are made from: the source itself, or the source merged
+    with the adapter into a temporary folder under the output folder (merged on first use, removed by cleanup)."""
 
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    log(f"Merging the LoRA adapter {adapter.ref} into {source.ref} (shard by shard)...")
-    started = time.monotonic()
-    try:
-        report = merge_lora(source.path, adapter.path, merged_dir, force=opts.force, allow_pickle=opts.allow_pickle)
+    def __init__(self, opts: ExportOptions, source: sources.ModelSource, info: hfmodel.ModelInfo,
+                 adapter: sources.ModelSource | None, merged_dir: Path, manifest: Manifest,
+                 log: Callable[[str], None]):
+        self.opts, self.source, self.base_info, self.adapter = opts, source, info, adapter
+        self.merged_dir, self.manifest, self.log = merged_dir, manifest, log
+        self._merged: hfmodel.ModelInfo | None = None
+
+    def info(self) -> hfmodel.ModelInfo:
+        if self.adapter is None:
+            return self.base_info
+        if self._merged is None:
+            self._merged = self._merge()
+        return self._merged
+
+    def path(self) -> Path:
+        return self.info().path
+
+    def _merge(self) -> hfmodel.ModelInfo:
+        from .merge import merge_lora
+
+        shutil.rmtree(self.merged_dir, ignore_errors=True)
+        self.log(f"Merging the LoRA adapter {self.adapter.ref} into {self.source.ref} (shard by shard)...")
+        started = time.monotonic()
+        report = merge_lora(self.source.path, self.adapter.path, self.merged_dir, force=self.opts.force,
+                            allow_pickle=self.opts.allow_pickle)
         for warning in report.warnings:
-            log(f"  warning: {warning}")
-        manifest.record_step("merge", time.monotonic() - started, lora_pairs=report.lora_pairs_applied,
-                             tensors_changed=report.tensors_changed, tensors_replaced=report.tensors_replaced,
-                             warnings=report.warnings)
-        log(f"  {report.tensors_changed} tensors changed; converting the merged model to {outtype} GGUF...")
-        convert.convert_to_gguf(hfmodel.inspect_model(merged_dir), gguf, outtype=outtype, tools=tools, force=True)
-    finally:
-        shutil.rmtree(merged_dir, ignore_errors=True)
+            self.log(f"  warning: {warning}")
+        self.manifest.record_step("merge", time.monotonic() - started, lora_pairs=report.lora_pairs_applied,
+                                  tensors_changed=report.tensors_changed, tensors_replaced=report.tensors_replaced,
+                                  warnings=report.warnings)
+        self.log(f"  {report.tensors_changed} tensors changed.")
+        return hfmodel.inspect_model(self.merged_dir)
+
+    def cleanup(self) -> None:
+        if self.adapter is not None:
+            shutil.rmtree(self.merged_dir, ignore_errors=True)
 
 
 def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:

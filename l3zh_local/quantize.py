@@ -1,7 +1,7 @@
 """GGUF quantization in-process through libllama (the C API bound by llama-cpp-python).
 
 The ladder and its approximate bits per weight follow llama.cpp's quantize tool. Types that llama.cpp only makes
-well with an importance matrix are refused here with a message that says so: the bound C API takes no imatrix file.
+well with an importance matrix are refused unless one is given (see imatrix.py: computed from calibration text).
 """
 
 from __future__ import annotations
@@ -60,34 +60,34 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _LADDER}
 SIXTEEN_BIT = ("f16", "bf16")
 
 
-def get_quant_type(name: str) -> QuantType:
+def get_quant_type(name: str, *, have_imatrix: bool = False) -> QuantType:
     key = name.strip().lower()
     qtype = QUANT_TYPES.get(key)
     if qtype is None:
         usable = ", ".join(q.name for q in _LADDER if not q.needs_imatrix)
         raise InputError(f"unknown quant type {name!r}: choose from {usable}")
-    if qtype.needs_imatrix:
+    if qtype.needs_imatrix and not have_imatrix:
         raise InputError(
-            f"{qtype.name} needs an importance matrix to be usable, which l3zh-local cannot pass to libllama yet; "
-            "choose q3_k_m, q2_k or iq4_xs, or run llama.cpp's llama-imatrix and llama-quantize yourself"
+            f"{qtype.name} needs an importance matrix: add --imatrix (computed from calibration text with the HF "
+            "model), or choose q3_k_m, q2_k or iq4_xs"
         )
     return qtype
 
 
-def parse_quant_list(spec: str) -> list[QuantType]:
+def parse_quant_list(spec: str, *, have_imatrix: bool = False) -> list[QuantType]:
     """'q4_k_m,q5_k_m, q8_0' -> validated QuantTypes in the order given, without repeats."""
     names = [part for part in (p.strip() for p in spec.split(",")) if part]
     if not names:
         raise InputError("--q is empty: give one or more quant types, e.g. --q q4_k_m,q8_0")
     seen: dict[str, QuantType] = {}
     for name in names:
-        qtype = get_quant_type(name)
+        qtype = get_quant_type(name, have_imatrix=have_imatrix)
         seen.setdefault(qtype.name, qtype)
     return list(seen.values())
 
 
 def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = None, threads: int = 0,
-             force: bool = False) -> str | None:
+             imatrix: dict | None = None, force: bool = False) -> str | None:
     """Quantize the GGUF `src` into `dst` (written atomically) with libllama.
 
     Returns libllama's note on tensors that fell back to another type, if any.
@@ -104,6 +104,14 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype_value
     params.nthread = threads
+    if qtype.needs_imatrix and not imatrix:
+        raise InputError(f"{qtype.name} needs an importance matrix; pass one")
+    imatrix_param = None
+    if imatrix:
+        from .imatrix import ImatrixParam
+
+        imatrix_param = ImatrixParam(imatrix)  # must outlive the call below
+        params.imatrix = imatrix_param.pointer
     quiet_libllama()
     log_path = dst.with_name(dst.name + ".log")
     with atomic_output(dst, force=force) as tmp:

@@ -327,7 +327,7 @@ def test_export_with_adapter_gives_a_gguf_with_the_adapter_active_logits(tiny_ll
     assert "tensors changed" in result.output
     ggufs = sorted(out.glob("*.gguf"))
     assert [p.name for p in ggufs] == [f"{tiny_llama3_dir.name}-adapter.f16.gguf"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([ggufs[0].name, "manifest.json"])  # merged folder gone
+    assert not [p for p in out.iterdir() if p.is_dir()]  # the merged HF folder is gone
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["adapter"]["sha256"] == sha256_file(seed_adapter / "adapter_model.safetensors")
     assert manifest["adapter"]["path"] == str(seed_adapter) and manifest["adapter"]["lora"]["r"] == 128
@@ -345,6 +345,12 @@ def test_export_with_adapter_gives_a_gguf_with_the_adapter_active_logits(tiny_ll
     # A re-run reuses the GGUF without merging again; another adapter is another model and another file.
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "Reusing" in again.output and "Merging" not in again.output
+    # A quant with an importance matrix: the f16 GGUF is reused, the matrix is computed on the merged model.
+    more = CliRunner().invoke(main, [*args[:5], "f16,q4_k_m", *args[6:]])
+    assert more.exit_code == 0, more.output
+    assert more.output.count("Merging") == 1 and "Reusing tiny" in more.output and "importance matrix" in more.output
+    assert (out / f"{tiny_llama3_dir.name}-adapter.q4_k_m.gguf").is_file()
+    assert not list(out.glob("*.tmp*")) and not list(out.glob("*.partial"))
 
 
 def test_merge_command(tiny_llama3_dir, small_adapter, tmp_path):
