@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import toolchain
 from .errors import InputError
-from .files import atomic_output, ensure_free_space
+from .files import atomic_output, ensure_free_space, read_json
 from .hfmodel import ModelInfo, estimate_gguf_bytes
 
 CONVERTER_OUTTYPES = {"f16": 16.0, "bf16": 16.0, "f32": 32.0, "q8_0": 8.5}
@@ -71,7 +71,7 @@ def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides) -> Path:
         if entry.name not in _REWRITTEN:
             os.symlink(entry.resolve(), stage / entry.name)
     config_path = model_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     if overrides.chat_template is not None:
         config["chat_template"] = overrides.chat_template
     else:
@@ -88,7 +88,7 @@ def existing_chat_template(model_dir: Path) -> str | None:
     """The chat template an HF folder carries: tokenizer_config.json, chat_template.jinja or chat_template.json."""
     model_dir = Path(model_dir)
     config_path = model_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     if isinstance(config.get("chat_template"), str):
         return config["chat_template"]
     jinja = model_dir / "chat_template.jinja"
@@ -96,5 +96,5 @@ def existing_chat_template(model_dir: Path) -> str | None:
         return jinja.read_text(encoding="utf-8")
     as_json = model_dir / "chat_template.json"
     if as_json.is_file():
-        return json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
+        return read_json(as_json).get("chat_template")
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -39,6 +40,14 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file the user supplied (config, tokenizer config, index); bad JSON is their error, said in one line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); is the download complete?") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, UnsupportedArchitecture
+from .files import read_json
 
 # The seed's models are all LlamaForCausalLM; this is what the converter path and the templates are built for.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -81,10 +82,7 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelInfo:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InputError(f"{path} is not a Hugging Face model: config.json is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_path} is not valid JSON ({exc})") from None
+    config = read_json(config_path)
     architectures = config.get("architectures") or []
     arch = architectures[0] if architectures else config.get("model_type", "unknown")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -131,10 +129,9 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelInfo:
 def _listed_safetensors(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise InputError(f"{index} is not a valid safetensors index ({exc})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} is not a valid safetensors index: it has no weight_map")
         shards = sorted({path / name for name in weight_map.values()})
         missing = [s.name for s in shards if not s.is_file()]
         if missing:

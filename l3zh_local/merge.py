@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, OutputExists
-from .files import ensure_free_space, ensure_writable_dir, human_size, sha256_file
+from .files import ensure_free_space, ensure_writable_dir, human_size, read_json, sha256_file
 from .hfmodel import ModelInfo, inspect_model, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -236,10 +236,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
         raise InputError(f"{adapter_dir} is not a PEFT adapter: {ADAPTER_CONFIG} is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_path} is not valid JSON ({exc})") from None
+    config = read_json(config_path)
     _check_config(config, adapter_dir)
     return config
 
