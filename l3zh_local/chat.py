@@ -55,6 +55,13 @@ class TurnStats:
     def evaluated_tokens(self) -> int:
         return self.prompt_tokens - self.reused_tokens
 
+    def line(self) -> str:
+        speed = self.generated_tokens / self.generation_s if self.generation_s > 0 else 0.0
+        trimmed = f", {self.trimmed_messages} old messages dropped" if self.trimmed_messages else ""
+        return (f"[prompt {self.prompt_tokens} tokens ({self.evaluated_tokens} new, {self.reused_tokens} from cache)"
+                f"{trimmed}, {self.generated_tokens} generated, first token {self.time_to_first_token_s:.2f} s, "
+                f"{speed:.1f} tokens/s]")
+
 
 def load_model(gguf: Path, *, n_ctx: int = 4096, threads: int | None = None, gpu_layers: int = 0,
                seed: int | None = None, verbose: bool = False):
@@ -148,7 +155,8 @@ class ChatSession:
 
     def _fit(self, user_text: str) -> tuple[list[int], int, int]:
         """Prompt tokens, new-token budget and dropped messages, trimming the oldest turns to fit n_ctx."""
-        n_ctx = self.llm.n_ctx()
+        # llama.cpp may round the context up; llama-cpp-python's token bookkeeping keeps the size asked for.
+        n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         dropped = 0
         while True:
             history = self.messages[dropped:]
@@ -242,7 +250,7 @@ def one_shot(gguf: Path, question: str, *, system: str | None = None, sampling: 
 
 def run_chat(gguf: Path, *, system: str | None = None, sampling: Sampling | None = None, n_ctx: int = 4096,
              threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
-             input_fn: Callable[[str], str] = input, out=None) -> None:
+             input_fn: Callable[[str], str] = input, out=None, stats: bool = False) -> None:
     """Interactive chat on the terminal until /exit or end of input."""
     out = out or sys.stdout
     llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
@@ -287,6 +295,8 @@ def run_chat(gguf: Path, *, system: str | None = None, sampling: Sampling | None
         except InputError as err:
             show(f"[{err}]")
         show("\n")
+        if stats:
+            show(session.last.line() + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (GPU builds only)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stats", action="store_true", help="print token counts and speed after each reply")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             one_shot(args.gguf, args.prompt, stream=sys.stdout, **common)
             sys.stdout.write("\n")
         else:
-            run_chat(args.gguf, **common)
+            run_chat(args.gguf, stats=args.stats, **common)
     except L3zhError as err:
         print(f"Error: {err}", file=sys.stderr)
         return err.exit_code

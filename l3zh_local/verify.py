@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from .hardware import physical_cores
 from .errors import InputError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
+ALL_CHECKS = ("tokenizer", "template", "eos", "quality", "stop")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Thresholds
@@ -200,6 +202,7 @@ def verify_gguf(
     max_eval_tokens: int = 1024,
     threads: int | None = None,
     timeout_s: float = 1800,
+    checks: Sequence[str] = ALL_CHECKS,
 ) -> VerifyReport:
     """Run every check on `gguf` and return the report (never raises for a failed check).
 
@@ -207,7 +210,7 @@ def verify_gguf(
     skipped. quant_type: names the threshold row (read from the GGUF when None). family: a chat family of the
     template registry, giving the expected template and stop token; expected_template / expected_eos give them
     directly. stop_mode: "natural", "forced" (stop token forced through the logits), "auto" (natural unless the
-    model is untrained) or "skip".
+    model is untrained) or "skip". checks: which of ALL_CHECKS to run.
     """
     gguf = Path(gguf)
     if not gguf.is_file():
@@ -216,6 +219,9 @@ def verify_gguf(
         ref = Path(ref)
         if not ref.exists():
             raise InputError(f"no reference model at {ref}: give an HF folder or a 16-bit GGUF")
+    unknown = set(checks) - set(ALL_CHECKS)
+    if unknown:
+        raise InputError(f"unknown check {', '.join(sorted(unknown))}: choose from {', '.join(ALL_CHECKS)}")
     if stop_mode not in ("auto", "natural", "forced", "skip"):
         raise InputError(f"unknown stop mode {stop_mode}: choose auto, natural, forced or skip")
     if family is not None:
@@ -231,22 +237,32 @@ def verify_gguf(
     report = VerifyReport(gguf=str(gguf), ref=str(ref) if ref else None, quant_type=None)
     if crash:
         for name in ("tokenizer", "template", "eos"):
-            report.checks.append(CheckResult(name, FAIL, f"the GGUF could not be loaded: {crash}"))
+            if name in checks:
+                report.checks.append(CheckResult(name, FAIL, f"the GGUF could not be loaded: {crash}"))
     else:
-        report.checks.append(_tokenizer_check(probe, ref, timeout_s))
-        report.checks.append(_template_check(probe, expected_template))
-        report.checks.append(_eos_check(probe, expected_eos))
+        if "tokenizer" in checks:
+            report.checks.append(_tokenizer_check(probe, ref, timeout_s))
+        if "template" in checks:
+            report.checks.append(_template_check(probe, expected_template))
+        if "eos" in checks:
+            report.checks.append(_eos_check(probe, expected_eos))
         expected_ids += [probe["token_text_ids"].get(expected_eos)] if isinstance(expected_eos, str) else []
     report.quant_type = quant_type or (probe or {}).get("file_type")
 
+    if crash:  # nothing else can load it either
+        for name in ("quality", "stop"):
+            if name in checks:
+                report.checks.append(CheckResult(name, FAIL, f"the GGUF could not be loaded: {crash}"))
+        return report
     untrained = None
-    quality = _quality_check(gguf, ref, report.quant_type, thresholds, n_ctx, max_eval_tokens, threads, timeout_s)
-    report.checks.append(quality)
-    if quality.figures.get("languages"):
-        untrained = max(f["ppl_gguf"] for f in quality.figures["languages"].values()) > UNTRAINED_PPL
-
-    stop_ids = [i for i in (stop_tokens or expected_ids) if i is not None]
-    report.checks.append(_stop_check(gguf, stop_mode, stop_ids, max_new_tokens, untrained, threads, timeout_s))
+    if "quality" in checks:
+        quality = _quality_check(gguf, ref, report.quant_type, thresholds, n_ctx, max_eval_tokens, threads, timeout_s)
+        report.checks.append(quality)
+        if quality.figures.get("languages"):
+            untrained = max(f["ppl_gguf"] for f in quality.figures["languages"].values()) > UNTRAINED_PPL
+    if "stop" in checks:
+        stop_ids = [i for i in (stop_tokens or expected_ids) if i is not None]
+        report.checks.append(_stop_check(gguf, stop_mode, stop_ids, max_new_tokens, untrained, threads, timeout_s))
     return report
 
 
