@@ -75,7 +75,7 @@ def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides) -> Path:
     if overrides.chat_template is not None:
         config["chat_template"] = overrides.chat_template
     else:
-        template = _existing_template(model_dir, config)
+        template = existing_chat_template(model_dir)
         if template is not None:
             config["chat_template"] = template
     if overrides.eos_token is not None:
@@ -84,8 +84,12 @@ def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides) -> Path:
     return stage
 
 
-def _existing_template(model_dir: Path, config: dict):
-    if "chat_template" in config:
+def existing_chat_template(model_dir: Path) -> str | None:
+    """The chat template an HF folder carries: tokenizer_config.json, chat_template.jinja or chat_template.json."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if isinstance(config.get("chat_template"), str):
         return config["chat_template"]
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():

@@ -7,19 +7,23 @@ the converter in a subprocess. A user's own checkout can replace it (``--llama-c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 from . import settings
 from .errors import OfflineError, ToolchainError
@@ -196,21 +200,68 @@ def run_converter(
     log_path.unlink(missing_ok=True)
 
 
-def watch_file_growth(outfile: Path, expected: int | None, label: str) -> threading.Event:
-    """Show a progress bar for a file written by native code in this process; set the event to stop it."""
+def watch_file_growth(outfile: Path, expected: int | None, label: str, stream: TextIO | None = None
+                      ) -> threading.Event:
+    """Show a progress bar for a file being written by native code or a child; set the event to stop it."""
     from tqdm import tqdm
 
     stop = threading.Event()
 
     def loop() -> None:
         with tqdm(total=expected, unit="B", unit_scale=True, desc=label, leave=False,
-                  disable=None, file=sys.stderr) as bar:
+                  disable=None, file=stream or sys.stderr) as bar:
             while not stop.wait(0.5):
                 size = outfile.stat().st_size if outfile.exists() else 0
                 bar.update(max(0, size - bar.n))
 
     threading.Thread(target=loop, daemon=True).start()
     return stop
+
+
+def quiet_libllama() -> None:
+    """Keep libllama's per-tensor log off the terminal unless L3ZH_VERBOSE=1."""
+    from llama_cpp import _logger
+
+    _logger.set_verbose(os.environ.get("L3ZH_VERBOSE") == "1")
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_path: Path) -> Iterator[TextIO]:
+    """Send file descriptor 2, where libllama prints directly, into `log_path`.
+
+    Yields a stream on the real terminal, for progress bars while the redirection lasts.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        with os.fdopen(os.dup(saved), "w") as terminal:
+            yield terminal
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until a native call returns, then raise KeyboardInterrupt.
+
+    libllama calls back into Python to log; a KeyboardInterrupt raised inside such a callback is swallowed by
+    ctypes, and the work would silently go on. Recording the signal and raising afterwards keeps Ctrl-C working.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _last_error_line(log_path: Path) -> str:

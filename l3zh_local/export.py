@@ -1,0 +1,243 @@
+"""The export pipeline: source -> (merge) -> 16-bit GGUF -> quants -> deploy files -> verify -> manifest.
+
+Each step is a call into its own module; this one only decides the order, the file names, what can be reused
+from an earlier run, and records everything in manifest.json.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import convert, deploy, ggufmeta, hfmodel, imatrix, recipes, sources, templates, toolchain
+from .errors import InputError, OutputExists
+from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size
+from .hfmodel import estimate_gguf_bytes
+from .manifest import Manifest, fingerprint_folder, step_key
+from .quantize import QuantType, quantize
+
+
+@dataclass
+class ExportOptions:
+    source: str | None  # None: the embedded demo model
+    out: Path = Path("dist")
+    quants: list[QuantType] = field(default_factory=list)
+    outtype: str = "auto"  # the 16-bit (or q8_0) type the converter writes
+    revision: str | None = None
+    allow_pickle: bool = False
+    force: bool = False
+    llama_cpp: Path | None = None
+    threads: int = 0
+    name: str | None = None  # file stem; default from the source
+    imatrix: str = "auto"  # "on", "off", or "auto": on for models up to imatrix.AUTO_MAX_PARAMS
+    calibration: Path | None = None  # text for the importance matrix; default: the packaged calibration text
+    template: str | None = None  # a chat family name (templates.list_families)
+    template_file: Path | None = None  # a custom Jinja chat template
+    num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    source: sources.ModelSource
+    base_gguf: Path
+    quant_ggufs: dict[str, Path]
+    reused: list[str]
+    manifest: Manifest
+    family: templates.ChatFamily
+    deploy_files: dict[str, list[Path]]  # GGUF file name -> its Modelfile and presets
+
+
+def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | None) -> str:
+    if name:
+        raw = name
+    elif source.is_demo:
+        raw = "smollm2-135m-instruct"
+    elif source.kind == "local":
+        raw = info.path.resolve().name
+    else:
+        raw = source.ref.split("/")[-1]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.").lower()
+    return stem or "model"
+
+
+def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
+    source = sources.resolve(opts.source, revision=opts.revision, allow_pickle=opts.allow_pickle)
+    if source.is_demo:
+        log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
+        log("  For a real model: l3zh-local export ./your-hf-folder  or  l3zh-local export shareAI/llama3.1-8b-instruct-dpo-zh")
+    info = hfmodel.inspect_model(source.path, allow_pickle=opts.allow_pickle)
+    tools = toolchain.llama_cpp(opts.llama_cpp)
+    out = ensure_writable_dir(opts.out)
+    stem = file_stem(source, info, opts.name)
+    outtype = convert.resolve_outtype(info, opts.outtype)
+    recipe = _recipe_for(source)
+    family = choose_family(opts, info, recipe)
+    num_ctx = opts.num_ctx or (recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192,
+                                                                   8192))
+    log(f"Chat template: {family.name} (EOS {family.eos_token}, stops {', '.join(family.stop_tokens)}).")
+    overrides = convert.TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token)
+
+    manifest = Manifest.load(out)
+    manifest.set_run_info(
+        source=source.describe() | {"files": fingerprint_folder(source.path)},
+        model={"architecture": info.architecture, "n_params": info.n_params, "weight_dtype": info.weight_dtype,
+               "context_length": info.config.get("max_position_embeddings")},
+        toolchain=tools.describe(),
+        settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads,
+                  "num_ctx": num_ctx},
+        template={"family": family.name, "eos_token": family.eos_token, "stop_tokens": list(family.stop_tokens),
+                  "default_system": family.default_system, "recipe": recipe.name if recipe else None,
+                  "jinja_sha256": templates.template_hash(family.jinja)},
+    )
+    _clean_partials(out)
+
+    base = out / f"{stem}.{outtype}.gguf"
+    targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
+    convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version,
+                           family.jinja, family.eos_token)
+    use_imatrix = _wants_imatrix(opts, info, targets)
+    calibration = _calibration_text(opts) if use_imatrix else None
+    imatrix_path = out / f"{stem}.imatrix.safetensors"
+    imatrix_key = step_key("imatrix", manifest.data["source"]["files"], calibration) if use_imatrix else None
+    quant_keys = {name: step_key("quantize", convert_key, name, imatrix_key) for name in targets}
+
+    to_do = [p for p, k in [(base, convert_key), *((targets[n], quant_keys[n]) for n in targets)]
+             if opts.force or not manifest.reusable(p, k)]
+    for path in to_do:
+        if path.exists() and not opts.force:
+            raise OutputExists(f"{path} exists and was not made by this export with these settings; "
+                               "pass --force to overwrite it or choose another --out")
+    needed = sum(estimate_gguf_bytes(info, _bits(p, outtype, opts.quants)) for p in to_do)
+    ensure_free_space(out, needed, f"{len(to_do)} GGUF file(s) ({human_size(needed)})")
+
+    reused: list[str] = []
+    if base in to_do:
+        log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
+            f"{tools.runtime_version})...")
+        started = time.monotonic()
+        convert.convert_to_gguf(info, base, outtype=outtype, overrides=overrides, tools=tools, force=True)
+        _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
+        manifest.save()
+    else:
+        reused.append(base.name)
+        log(f"Reusing {base.name} (same source and settings as the last run).")
+
+    importance = None
+    if use_imatrix and any(p in to_do for p in targets.values()):
+        importance = _importance_matrix(manifest, source, imatrix_path, imatrix_key, calibration, log)
+
+    for name, path in targets.items():
+        qtype = next(q for q in opts.quants if q.name == name)
+        if path not in to_do:
+            reused.append(path.name)
+            log(f"Reusing {path.name}.")
+            continue
+        log(f"Quantizing to {name} ({qtype.note})...")
+        started = time.monotonic()
+        note = quantize(base, path, qtype, n_params=info.n_params, threads=opts.threads, imatrix=importance,
+                        force=True)
+        if note:
+            log(f"  note: {note} (row sizes not a multiple of 256 cannot take k-quants)")
+        _record_gguf(manifest, path, quant_keys[name], "quant", time.monotonic() - started, fallback=note)
+        manifest.save()
+
+    model_name = f"{stem}" if not source.is_demo else "smollm2-135m-instruct-demo"
+    written: dict[str, list[Path]] = {}
+    for gguf in (base, *targets.values()):
+        written[gguf.name] = deploy.write_deploy_files(gguf, family, model_name, num_ctx)
+        manifest.data["files"][gguf.name]["deploy_files"] = [p.name for p in written[gguf.name]]
+    manifest.save()
+    return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
+                        manifest=manifest, family=family, deploy_files=written)
+
+
+def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.Recipe | None
+                  ) -> templates.ChatFamily:
+    """--template-file, else --template, else the model's own template if known, else its recipe, else refuse."""
+    if opts.template_file is not None:
+        return templates.family_from_file(opts.template_file)
+    if opts.template is not None:
+        return templates.get_family(opts.template)
+    return templates.detect_family(convert.existing_chat_template(info.path), recipe.family_name if recipe else None)
+
+
+def _recipe_for(source: sources.ModelSource) -> recipes.Recipe | None:
+    names = [source.ref, source.path.name] + (["smollm2-135m-instruct"] if source.is_demo else [])
+    try:
+        return next((r for r in map(recipes.find_recipe, names) if r is not None), None)
+    except InputError:  # no convert/ folder next to this installation: recipes are optional
+        return None
+
+
+# Types whose rounding does not use an importance matrix.
+_NO_IMATRIX_EFFECT = {"q8_0", "f16", "bf16", "f32"}
+
+
+def _wants_imatrix(opts: ExportOptions, info: hfmodel.ModelInfo, targets: dict[str, Path]) -> bool:
+    needing = [q.name for q in opts.quants if q.needs_imatrix]
+    if opts.imatrix == "off":
+        if needing:
+            raise InputError(f"{needing[0]} needs an importance matrix, but --no-imatrix was given")
+        return False
+    if not any(name not in _NO_IMATRIX_EFFECT for name in targets):
+        return False
+    if opts.imatrix == "auto" and info.n_params > imatrix.AUTO_MAX_PARAMS:
+        if needing:
+            raise InputError(f"{needing[0]} needs an importance matrix: add --imatrix (it runs the HF model over "
+                             "the calibration text on this machine)")
+        return False
+    return True
+
+
+def _calibration_text(opts: ExportOptions) -> str:
+    if opts.calibration is None:
+        return imatrix.default_calibration_text()
+    try:
+        return Path(opts.calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read calibration text {opts.calibration}: {exc}") from None
+
+
+def _importance_matrix(manifest: Manifest, source: sources.ModelSource, path: Path, key: str, text: str,
+                       log: Callable[[str], None]) -> dict:
+    if manifest.reusable(path, key):
+        log(f"Reusing {path.name}.")
+        return imatrix.load_imatrix(path)
+    log("Computing an importance matrix with the HF model over the calibration text "
+        "(better low-bit quants; --no-imatrix skips it)...")
+    started = time.monotonic()
+    data = imatrix.compute_imatrix(source.path, text)
+    from .files import atomic_output
+
+    with atomic_output(path, force=True) as tmp:
+        imatrix.save_imatrix(tmp, data)
+    seconds = time.monotonic() - started
+    manifest.record_file(path, key, kind="imatrix", seconds=seconds, tensors=len(data),
+                         calibration_chars=len(text))
+    manifest.record_step("imatrix", seconds)
+    manifest.save()
+    return data
+
+
+def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:
+    for q in quants:
+        if path.name.endswith(f".{q.name}.gguf"):
+            return q.bits_per_weight
+    return convert.CONVERTER_OUTTYPES[outtype]
+
+
+def _record_gguf(manifest: Manifest, path: Path, key: str, kind: str, seconds: float, **extra) -> None:
+    meta = ggufmeta.read_metadata(path)
+    manifest.record_file(path, key, kind=kind, seconds=seconds, type=ggufmeta.file_type_name(meta),
+                         tensor_types=meta["l3zh.tensor_types"], **extra)
+    manifest.record_step(f"{kind}:{path.name}", seconds)
+
+
+def _clean_partials(out: Path) -> None:
+    """Leftovers of a killed run are never finished files; remove them so they can't be mistaken for any."""
+    for leftover in out.glob(f"*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)

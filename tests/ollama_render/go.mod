@@ -1,0 +1,3 @@
+module l3zhlocal/ollama_render
+
+go 1.19

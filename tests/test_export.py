@@ -1,0 +1,240 @@
+"""`l3zh-local export` and its siblings, run as a user runs them, on the tiny Llama-3 fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from l3zh_local import ggufmeta
+from l3zh_local.cli import main
+
+LADDER = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k", "iq4_xs"]
+# The tensor type that most of the fixture's weight matrices must carry for each quant type.
+MAIN_TENSOR_TYPE = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K", "q3_k_m": "Q3_K",
+                    "q2_k": "Q2_K", "iq4_xs": "IQ4_XS"}
+
+
+def run_cli(*args: str, env: dict | None = None):
+    result = CliRunner().invoke(main, list(args), env=env)
+    return result
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def ladder_export(tiny_llama3_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ladder")
+    result = run_cli("export", str(tiny_llama3_dir), "--q", ",".join(LADDER), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_export_writes_each_quant_with_the_type_its_manifest_says(ladder_export):
+    out, _ = ladder_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["outtype"] == "bf16"
+    assert manifest["toolchain"]["runtime_version"] == "0.3.36"
+    assert manifest["source"]["kind"] == "local"
+    for q in LADDER:
+        path = out / f"tiny-llama3-v1-bfloat16.{q}.gguf"
+        entry = manifest["files"][path.name]
+        meta = ggufmeta.read_metadata(path)
+        assert entry["type"] == ggufmeta.file_type_name(meta) == q
+        assert entry["size"] == path.stat().st_size
+        types = meta["l3zh.tensor_types"]
+        assert max(types, key=types.get) == MAIN_TENSOR_TYPE[q], types
+        assert meta["tokenizer.ggml.pre"] == "llama-bpe"
+    assert not list(out.glob("*.partial"))
+
+
+def test_rerun_skips_finished_steps(ladder_export):
+    out, _ = ladder_export
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
+    started = time.monotonic()
+    result = run_cli("export", str(Path(json.loads((out / "manifest.json").read_text())["source"]["path"])),
+                     "--q", ",".join(LADDER), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Reusing") == len(LADDER) + 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == before
+    assert time.monotonic() - started < 30  # generous: nothing is converted or quantized again
+
+
+def test_rerun_redoes_a_step_whose_output_changed(tiny_llama3_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--out", str(out)).exit_code == 0
+    quant = out / "tiny-llama3-v1-bfloat16.q4_0.gguf"
+    with open(quant, "ab") as fh:  # damaged after the fact: must not be reused, and must not be clobbered silently
+        fh.write(b"junk")
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--out", str(out))
+    assert_one_line_error(result, "--force")
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--out", str(out), "--force")
+    assert result.exit_code == 0, result.output
+    assert "Reusing" not in result.output
+    assert ggufmeta.file_type_name(ggufmeta.read_metadata(quant)) == "q4_0"
+
+
+def test_existing_output_is_not_clobbered(tiny_llama3_dir, tmp_path):
+    (tmp_path / "tiny-llama3-v1-bfloat16.bf16.gguf").write_bytes(b"someone else's file")
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q8_0", "--out", str(tmp_path))
+    assert_one_line_error(result, "exists", "--force")
+    assert (tmp_path / "tiny-llama3-v1-bfloat16.bf16.gguf").read_bytes() == b"someone else's file"
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(run_cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "does not exist")
+
+
+def test_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("export", str(tmp_path / "empty"), "--out", str(tmp_path / "o")),
+                          "config.json is missing")
+
+
+def _copy_model(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def test_unsupported_architecture(tiny_llama3_dir, tmp_path):
+    model = _copy_model(tiny_llama3_dir, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("export", str(model), "--out", str(tmp_path / "o")),
+                          "unsupported architecture Qwen2ForCausalLM")
+
+
+def test_truncated_safetensors(tiny_llama3_dir, tmp_path):
+    model = _copy_model(tiny_llama3_dir, tmp_path / "m")
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    out = tmp_path / "o"
+    assert_one_line_error(run_cli("export", str(model), "--out", str(out)), "truncated")
+    assert not list(out.glob("*.gguf")) if out.exists() else True
+
+
+def test_corrupt_safetensors_header(tiny_llama3_dir, tmp_path):
+    model = _copy_model(tiny_llama3_dir, tmp_path / "m")
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.seek(8)
+        fh.write(b"\xff\xfe not json")
+    assert_one_line_error(run_cli("export", str(model), "--out", str(tmp_path / "o")), "not a valid safetensors")
+
+
+def test_pickle_weights_are_refused(tiny_llama3_dir, tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    shutil.copy(tiny_llama3_dir / "config.json", model)
+    (model / "pytorch_model.bin").write_bytes(b"not loaded: refusing comes first")
+    assert_one_line_error(run_cli("export", str(model), "--out", str(tmp_path / "o")), "pickle", "--allow-pickle")
+
+
+@pytest.mark.parametrize("spec, fragment", [("q4_k_x", "unknown quant type"), ("iq2_xs", "importance matrix"),
+                                            (",", "--q is empty")])
+def test_bad_quant_types(tiny_llama3_dir, tmp_path, spec, fragment):
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--q", spec, "--out", str(tmp_path / "o")),
+                          fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_folder(tiny_llama3_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--out", str(blocker / "sub")),
+                          "cannot create output folder")
+
+
+def test_offline_hub_id_fails_fast(tmp_path):
+    started = time.monotonic()
+    result = run_cli("export", "shareAI/llama3.1-8b-instruct-dpo-zh", "--out", str(tmp_path / "o"),
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_one_line_error(result, "cannot download shareAI/llama3.1-8b-instruct-dpo-zh")
+    assert time.monotonic() - started < 60
+
+
+def test_not_enough_disk(tiny_llama3_dir, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**9, 10**9 - 10**6, 10**6))
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--out", str(tmp_path / "o")),
+                          "not enough disk", "free")
+    assert not list((tmp_path / "o").glob("*.gguf"))
+
+
+# -- interruption: nothing that looks finished ----------------------------------------------------------------------
+
+def _start_export(model: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "l3zh_local.cli", "export", str(model), "--q", "q4_k_m",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(folder.glob(pattern)) if folder.exists() else []
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern} never appeared")
+
+
+@pytest.mark.parametrize("phase", ["*.bf16.gguf.partial", "*.q4_k_m.gguf.partial"])
+def test_ctrl_c_leaves_no_finished_looking_file(tiny_llama3_dir, tmp_path, phase):
+    out = tmp_path / "o"
+    proc = _start_export(tiny_llama3_dir, out)
+    partial = _wait_for(phase, out, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    assert not final.exists()
+    assert not list(out.glob("*.partial"))
+
+
+def test_kill_then_rerun_finishes_cleanly(tiny_llama3_dir, tmp_path):
+    out = tmp_path / "o"
+    proc = _start_export(tiny_llama3_dir, out)
+    partial = _wait_for("*.q4_k_m.gguf.partial", out, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not partial.with_name(partial.name.removesuffix(".partial")).exists()
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_k_m", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "Reusing tiny-llama3-v1-bfloat16.bf16.gguf" in result.output  # finished before the kill
+    assert not list(out.glob("*.partial"))
+    assert ggufmeta.file_type_name(ggufmeta.read_metadata(out / "tiny-llama3-v1-bfloat16.q4_k_m.gguf")) == "q4_k_m"
+
+
+def test_convert_and_quantize_commands(tiny_llama3_dir, tmp_path):
+    f16 = tmp_path / "tiny.f16.gguf"
+    result = run_cli("convert", str(tiny_llama3_dir), "--out", str(f16), "--outtype", "f16")
+    assert result.exit_code == 0, result.output
+    assert ggufmeta.file_type_name(ggufmeta.read_metadata(f16)) == "f16"
+    result = run_cli("quantize", str(f16), "--q", "q5_k_s")
+    assert result.exit_code == 0, result.output
+    assert ggufmeta.file_type_name(ggufmeta.read_metadata(tmp_path / "tiny.q5_k_s.gguf")) == "q5_k_s"
+    assert_one_line_error(run_cli("convert", str(tiny_llama3_dir), "--out", str(f16)), "exists", "--force")
