@@ -144,3 +144,12 @@ def test_missing_model_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True, env=ENV, cwd=str(ROOT), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("Error: no GGUF file at") and "Traceback" not in proc.stderr
+
+
+def test_cli_chat_one_shot_matches_the_module(tiny_llama3_gguf):
+    args = [str(tiny_llama3_gguf), "-p", "你好", "--temperature", "0", "--max-tokens", "6"]
+    run = lambda *cmd: subprocess.run([sys.executable, "-m", *cmd, *args], capture_output=True, env=ENV,
+                                      cwd=str(ROOT), timeout=300)
+    via_cli, via_module = run("l3zh_local.cli", "chat"), run("l3zh_local.chat")
+    assert via_cli.returncode == via_module.returncode == 0, via_cli.stderr
+    assert via_cli.stdout == via_module.stdout and via_cli.stdout.strip()

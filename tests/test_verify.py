@@ -103,10 +103,33 @@ def test_good_q8_0_export_passes_against_hf_and_against_16bit_gguf(tiny_q8, tiny
 # -- broken exports fail, naming the check ------------------------------------------------------------------------
 
 
-def test_swapped_template_fails_template_check(tiny_llama3_dir, tmp_path):
-    gguf = convert(tiny_llama3_dir, tmp_path / "chatml.gguf", chat_template=CHATML, eos_token=EOT)
-    check = only_failure(verify(gguf, tiny_llama3_dir, checks=STATIC), "template")
+@pytest.fixture(scope="module")
+def chatml_gguf(tiny_llama3_dir, tmp_path_factory):
+    """The tiny model exported with ChatML instead of its Llama-3 template."""
+    out = tmp_path_factory.mktemp("chatml") / "chatml.gguf"
+    return convert(tiny_llama3_dir, out, chat_template=CHATML, eos_token=EOT)
+
+
+def test_swapped_template_fails_template_check(chatml_gguf, tiny_llama3_dir):
+    check = only_failure(verify(chatml_gguf, tiny_llama3_dir, checks=STATIC), "template")
     assert "differs from the expected template at token 0" in check.message
+
+
+def test_verify_command_exit_status(chatml_gguf, tiny_llama3_gguf, tiny_llama3_dir):
+    from click.testing import CliRunner
+
+    from l3zh_local.cli import main
+
+    runner = CliRunner()
+    good = runner.invoke(main, ["verify", str(tiny_llama3_gguf), "--ref", str(tiny_llama3_dir),
+                                "--template", "llama3", "--checks", "tokenizer,eos"])
+    assert good.exit_code == 0, good.output
+    assert "verify PASSED" in good.output
+    bad = runner.invoke(main, ["verify", str(chatml_gguf), "--template", "llama3", "--checks", "template,eos",
+                               "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.output)
+    assert report["passed"] is False and report["checks"][0]["status"] == FAIL
 
 
 def test_wrong_eos_fails_eos_check(tiny_llama3_dir, tmp_path):
