@@ -199,3 +199,25 @@ def test_bad_arguments_are_input_errors(tiny_llama3_gguf, tmp_path):
         verify_gguf(tiny_llama3_gguf, checks=("speed",))
     with pytest.raises(InputError, match="no quality threshold"):
         default_threshold("q9_z")
+
+
+# -- the real demo model: the stop check is natural there -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_f16(tmp_path_factory):
+    from l3zh_local.demo import demo_model_dir
+
+    model_dir = demo_model_dir()
+    out = tmp_path_factory.mktemp("demo") / "demo.f16.gguf"
+    convert_to_gguf(hfmodel.inspect_model(model_dir), out, outtype="f16")
+    return model_dir, out
+
+
+def test_demo_model_stops_by_itself(demo_f16):
+    model_dir, gguf = demo_f16
+    report = verify_gguf(gguf, ref=model_dir, expected_eos="<|im_end|>", checks=("eos", "stop"))
+    assert report.passed, report.table()
+    stop = report.check("stop")
+    assert stop.figures["mode"] == "natural" and "forced" not in stop.message
+    assert stop.figures["stop_id"] == 2 and "Paris" in stop.figures["text"]
