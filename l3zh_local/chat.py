@@ -234,11 +234,25 @@ class ChatSession:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def family_default_system(llm) -> str | None:
+    """The default system prompt of the chat family the GGUF's template belongs to (None if unknown or none)."""
+    from .templates import detect_family
+
+    try:
+        return detect_family(llm.metadata.get("tokenizer.chat_template")).default_system
+    except InputError:
+        return None
+
+
 def one_shot(gguf: Path, question: str, *, system: str | None = None, sampling: Sampling | None = None,
              n_ctx: int = 4096, threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
              stream=None) -> str:
-    """Answer one question and return the answer; with `stream`, also write it there as it is generated."""
+    """Answer one question and return the answer; with `stream`, also write it there as it is generated.
+
+    system None means the family's default system prompt (the seed's shareAI models have one); "" means none.
+    """
     llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    system = family_default_system(llm) if system is None else system
     session = ChatSession(llm, system=system, sampling=sampling or Sampling())
     on_text = None
     if stream is not None:
@@ -251,9 +265,10 @@ def one_shot(gguf: Path, question: str, *, system: str | None = None, sampling: 
 def run_chat(gguf: Path, *, system: str | None = None, sampling: Sampling | None = None, n_ctx: int = 4096,
              threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
              input_fn: Callable[[str], str] = input, out=None, stats: bool = False) -> None:
-    """Interactive chat on the terminal until /exit or end of input."""
+    """Interactive chat on the terminal until /exit or end of input (system: as in `one_shot`)."""
     out = out or sys.stdout
     llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    system = family_default_system(llm) if system is None else system
     session = ChatSession(llm, system=system, sampling=sampling or Sampling())
     out.write(f"Chatting with {Path(gguf).name} ({COMMANDS_HELP})\n")
     out.flush()
@@ -309,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Sampling()
     parser.add_argument("gguf", type=Path)
     parser.add_argument("-p", "--prompt", help="answer this one question and exit")
-    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--system", help="system prompt (default: the chat family's, if it has one; '' for none)")
     parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument("--top-p", type=float, default=d.top_p)
     parser.add_argument("--top-k", type=int, default=d.top_k)

@@ -355,7 +355,7 @@ def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens
 @main.command("chat")
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "question", help="Answer this one question and exit.")
-@click.option("--system", help="System prompt.")
+@click.option("--system", help="System prompt (default: the chat family's, if it has one; '' for none).")
 @click.option("--temperature", type=float, default=0.6, show_default=True)
 @click.option("--top-p", type=float, default=0.9, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)

@@ -153,3 +153,21 @@ def test_cli_chat_one_shot_matches_the_module(tiny_llama3_gguf):
     via_cli, via_module = run("l3zh_local.cli", "chat"), run("l3zh_local.chat")
     assert via_cli.returncode == via_module.returncode == 0, via_cli.stderr
     assert via_cli.stdout == via_module.stdout and via_cli.stdout.strip()
+
+
+def test_family_default_system_prompt(tiny_llama3_dir, tmp_path):
+    from llama_cpp import Llama
+
+    from l3zh_local import hfmodel
+    from l3zh_local.convert import TokenizerOverrides, convert_to_gguf
+    from l3zh_local.templates import get_family
+
+    family = get_family("shareai-instruct-sft")
+    gguf = tmp_path / "shareai.gguf"
+    convert_to_gguf(hfmodel.inspect_model(tiny_llama3_dir), gguf,
+                    overrides=TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token))
+    vocab = Llama(str(gguf), vocab_only=True, verbose=False)
+    question = [{"role": "user", "content": "你好"}]
+    with_default = [{"role": "system", "content": family.default_system}] + question
+    assert Chat(gguf).turn("你好")["prompt"] == len(prompt_ids(vocab, with_default))
+    assert Chat(gguf, "--system", "").turn("你好")["prompt"] == len(prompt_ids(vocab, question))
