@@ -394,6 +394,8 @@ def _quality_check(gguf, ref, quant_type, thresholds, n_ctx, max_eval_tokens, th
         if quant_type is None:
             return CheckResult("quality", SKIP, "unknown quant type and no thresholds given")
         thresholds = default_threshold(quant_type)
+    if ref.suffix != ".gguf":
+        _check_fp32_fits(ref)
     args = {
         "gguf": str(gguf), "ref": str(ref), "texts": {lang: evaltext.heldout_text(lang) for lang in evaltext.LANGUAGES},
         "n_ctx": n_ctx, "max_tokens": max_eval_tokens, "threads": threads,
@@ -422,6 +424,28 @@ def _quality_check(gguf, ref, quant_type, thresholds, n_ctx, max_eval_tokens, th
     if problems:
         return CheckResult("quality", FAIL, "; ".join(problems), figures)
     return CheckResult("quality", PASS, summary, figures)
+
+
+def _check_fp32_fits(ref: Path) -> None:
+    """An HF reference runs in fp32: refuse early, pointing to the 16-bit GGUF, when that cannot fit in memory."""
+    from .hfmodel import inspect_model
+
+    need = inspect_model(ref).n_params * 4
+    free = _available_memory()
+    if free is not None and need > free:
+        raise InputError(f"the HF reference needs about {need / 2**30:.1f} GiB in fp32 but {free / 2**30:.1f} GiB "
+                         "is free: pass its 16-bit GGUF as --ref instead")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new process (Linux MemAvailable), or None where not knowable."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _stop_check(gguf, stop_mode, stop_ids, max_new_tokens, untrained, threads, timeout_s) -> CheckResult:

@@ -201,6 +201,14 @@ def test_bad_arguments_are_input_errors(tiny_llama3_gguf, tmp_path):
         default_threshold("q9_z")
 
 
+def test_hf_reference_too_big_for_memory_points_to_the_gguf(tiny_llama3_gguf, tiny_llama3_dir, monkeypatch):
+    from l3zh_local import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "_available_memory", lambda: 100 * 2**20)  # 100 MiB free
+    with pytest.raises(InputError, match="pass its 16-bit GGUF as --ref"):
+        verify_gguf(tiny_llama3_gguf, ref=tiny_llama3_dir, checks=("quality",))
+
+
 # -- the real demo model: the stop check is natural there -----------------------------------------------------------
 
 
