@@ -56,6 +56,7 @@ def _emit_json(data) -> None:
 @click.option("--outtype", default="auto", show_default=True,
               help="Type of the converted GGUF: auto (bf16 or f16, following the weights), f16, bf16, f32, q8_0.")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
+@click.option("--adapter", help="A PEFT LoRA adapter (folder or hub id) to merge into MODEL first.")
 @click.option("--name", help="File name stem for the outputs (default: from the model).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle weights (they can run code when loaded).")
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
@@ -72,8 +73,8 @@ def _emit_json(data) -> None:
 @click.option("--ollama", "ollama_name", help="Also register the first quant with `ollama create NAME`.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
-def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp, threads, use_imatrix, calibration,
-           template, template_file, num_ctx, ollama_name, force, as_json):
+def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
+           calibration, template, template_file, num_ctx, ollama_name, force, as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -86,7 +87,8 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
     opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=use_imatrix is not False),
                          outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
                          llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
-                         calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx)
+                         calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx,
+                         adapter=adapter)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
     if as_json:
@@ -111,6 +113,36 @@ def export(model, quants, out, outtype, revision, name, allow_pickle, llama_cpp,
     else:
         click.echo(f"Ollama:  cd {modelfile.parent} && ollama create {first.stem} -f {modelfile.name}")
     click.echo(install_hint(first.name, first.stem))
+
+
+# -- merge -------------------------------------------------------------------------------------------------------
+
+@main.command("merge")
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged HF folder to write.")
+@click.option("--force", is_flag=True,
+              help="Overwrite --out, and merge even if the adapter records another base model.")
+@click.option("--allow-pickle", is_flag=True, help="Accept an adapter_model.bin (read with torch's weights-only loader).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
+def merge_cmd(base, adapter, out, force, allow_pickle, as_json):
+    """Merge a PEFT LoRA ADAPTER into BASE, shard by shard (HF folders or hub ids for both).
+
+    \b
+    l3zh-local merge ./Meta-Llama-3-8B-Instruct ./my-lora --out ./merged
+    """
+    from dataclasses import asdict
+
+    from .merge import merge_lora
+
+    report = merge_lora(base, adapter, out, force=force, allow_pickle=allow_pickle, progress=not as_json)
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        _emit_json(asdict(report))
+        return
+    click.echo(report.summary())
+    click.echo(f"Next: l3zh-local export {out} --q q4_k_m")
 
 
 # -- convert / quantize ------------------------------------------------------------------------------------------

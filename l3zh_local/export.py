@@ -7,6 +7,7 @@ from an earlier run, and records everything in manifest.json.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,10 +15,13 @@ from pathlib import Path
 
 from . import convert, deploy, ggufmeta, hfmodel, imatrix, recipes, sources, templates, toolchain
 from .errors import InputError, OutputExists
-from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size
+from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
 from .hfmodel import estimate_gguf_bytes
 from .manifest import Manifest, fingerprint_folder, step_key
 from .quantize import QuantType, quantize
+
+# The temporary merged HF folder of `export --adapter`, under the output folder; removed once converted.
+MERGED_SUFFIX = ".merged-hf.tmp"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class ExportOptions:
     template: str | None = None  # a chat family name (templates.list_families)
     template_file: Path | None = None  # a custom Jinja chat template
     num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
+    adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id) merged into the source first
 
 
 @dataclass
@@ -49,9 +54,11 @@ class ExportResult:
     manifest: Manifest
     family: templates.ChatFamily
     deploy_files: dict[str, list[Path]]  # GGUF file name -> its Modelfile and presets
+    adapter: sources.ModelSource | None = None
 
 
-def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | None) -> str:
+def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | None,
+              adapter: sources.ModelSource | None = None) -> str:
     if name:
         raw = name
     elif source.is_demo:
@@ -60,6 +67,8 @@ def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | 
         raw = info.path.resolve().name
     else:
         raw = source.ref.split("/")[-1]
+    if adapter is not None and not name:  # a merged model is another model: its files must not collide
+        raw += "-" + (adapter.path.resolve().name if adapter.kind == "local" else adapter.ref.split("/")[-1])
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.").lower()
     return stem or "model"
 
@@ -70,12 +79,14 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
         log("  For a real model: l3zh-local export ./your-hf-folder  or  l3zh-local export shareAI/llama3.1-8b-instruct-dpo-zh")
     info = hfmodel.inspect_model(source.path, allow_pickle=opts.allow_pickle)
+    adapter, adapter_record = _resolve_adapter(opts)
     tools = toolchain.llama_cpp(opts.llama_cpp)
     out = ensure_writable_dir(opts.out)
-    stem = file_stem(source, info, opts.name)
+    stem = file_stem(source, info, opts.name, adapter)
     outtype = convert.resolve_outtype(info, opts.outtype)
     recipe = _recipe_for(source)
-    family = choose_family(opts, info, recipe)
+    # A fine-tune's own chat template (saved beside the adapter) decides the family over the base's.
+    family = choose_family(opts, info, recipe, adapter.path if adapter else None)
     num_ctx = opts.num_ctx or (recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192,
                                                                    8192))
     log(f"Chat template: {family.name} (EOS {family.eos_token}, stops {', '.join(family.stop_tokens)}).")
@@ -92,17 +103,21 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         template={"family": family.name, "eos_token": family.eos_token, "stop_tokens": list(family.stop_tokens),
                   "default_system": family.default_system, "recipe": recipe.name if recipe else None,
                   "jinja_sha256": templates.template_hash(family.jinja)},
+        adapter=adapter_record,
     )
     _clean_partials(out)
 
     base = out / f"{stem}.{outtype}.gguf"
     targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
+    # With an adapter the weights also depend on the adapter's weights (its sha256) and config.
+    adapter_parts = [adapter_record["sha256"], adapter_record["config_sha256"]] if adapter_record else []
     convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version,
-                           family.jinja, family.eos_token)
+                           family.jinja, family.eos_token, *adapter_parts)
     use_imatrix = _wants_imatrix(opts, info, targets)
     calibration = _calibration_text(opts) if use_imatrix else None
     imatrix_path = out / f"{stem}.imatrix.safetensors"
-    imatrix_key = step_key("imatrix", manifest.data["source"]["files"], calibration) if use_imatrix else None
+    imatrix_key = (step_key("imatrix", manifest.data["source"]["files"], calibration, *adapter_parts)
+                   if use_imatrix else None)
     quant_keys = {name: step_key("quantize", convert_key, name, imatrix_key) for name in targets}
 
     to_do = [p for p, k in [(base, convert_key), *((targets[n], quant_keys[n]) for n in targets)]
@@ -112,23 +127,31 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             raise OutputExists(f"{path} exists and was not made by this export with these settings; "
                                "pass --force to overwrite it or choose another --out")
     needed = sum(estimate_gguf_bytes(info, _bits(p, outtype, opts.quants)) for p in to_do)
+    if adapter is not None and to_do:
+        needed += info.weight_bytes  # the merged HF folder, removed once converted (and the imatrix computed)
     ensure_free_space(out, needed, f"{len(to_do)} GGUF file(s) ({human_size(needed)})")
 
     reused: list[str] = []
-    if base in to_do:
-        log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
-            f"{tools.runtime_version})...")
-        started = time.monotonic()
-        convert.convert_to_gguf(info, base, outtype=outtype, overrides=overrides, tools=tools, force=True)
-        _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
-        manifest.save()
-    else:
-        reused.append(base.name)
-        log(f"Reusing {base.name} (same source and settings as the last run).")
+    weights = _Weights(opts, source, info, adapter, out / f"{stem}{MERGED_SUFFIX}", manifest, log)
+    try:
+        if base in to_do:
+            model_info = weights.info()  # merges the adapter first, when there is one
+            log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
+                f"{tools.runtime_version})...")
+            started = time.monotonic()
+            convert.convert_to_gguf(model_info, base, outtype=outtype, overrides=overrides, tools=tools, force=True)
+            _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
+            manifest.save()
+        else:
+            reused.append(base.name)
+            log(f"Reusing {base.name} (same source and settings as the last run).")
 
-    importance = None
-    if use_imatrix and any(p in to_do for p in targets.values()):
-        importance = _importance_matrix(manifest, source, imatrix_path, imatrix_key, calibration, log)
+        importance = None
+        if use_imatrix and any(p in to_do for p in targets.values()):
+            importance = _importance_matrix(manifest, weights, imatrix_path, imatrix_key, calibration, log,
+                                            reuse=not opts.force)
+    finally:
+        weights.cleanup()
 
     for name, path in targets.items():
         qtype = next(q for q in opts.quants if q.name == name)
@@ -152,17 +175,22 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         manifest.data["files"][gguf.name]["deploy_files"] = [p.name for p in written[gguf.name]]
     manifest.save()
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
-                        manifest=manifest, family=family, deploy_files=written)
+                        manifest=manifest, family=family, deploy_files=written, adapter=adapter)
 
 
-def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.Recipe | None
-                  ) -> templates.ChatFamily:
-    """--template-file, else --template, else the model's own template if known, else its recipe, else refuse."""
+def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.Recipe | None,
+                  adapter_dir: Path | None = None) -> templates.ChatFamily:
+    """--template-file, else --template, else the model's own template if known, else its recipe, else refuse.
+
+    With an adapter, a chat template saved beside it (fine-tuning tools save the tokenizer there) comes first.
+    """
     if opts.template_file is not None:
         return templates.family_from_file(opts.template_file)
     if opts.template is not None:
         return templates.get_family(opts.template)
-    return templates.detect_family(convert.existing_chat_template(info.path), recipe.family_name if recipe else None)
+    own = convert.existing_chat_template(adapter_dir) if adapter_dir is not None else None
+    own = own or convert.existing_chat_template(info.path)
+    return templates.detect_family(own, recipe.family_name if recipe else None)
 
 
 def _recipe_for(source: sources.ModelSource) -> recipes.Recipe | None:
@@ -202,15 +230,15 @@ def _calibration_text(opts: ExportOptions) -> str:
         raise InputError(f"cannot read calibration text {opts.calibration}: {exc}") from None
 
 
-def _importance_matrix(manifest: Manifest, source: sources.ModelSource, path: Path, key: str, text: str,
-                       log: Callable[[str], None]) -> dict:
-    if manifest.reusable(path, key):
+def _importance_matrix(manifest: Manifest, weights: _Weights, path: Path, key: str, text: str,
+                       log: Callable[[str], None], *, reuse: bool) -> dict:
+    if reuse and manifest.reusable(path, key):
         log(f"Reusing {path.name}.")
         return imatrix.load_imatrix(path)
     log("Computing an importance matrix with the HF model over the calibration text "
         "(better low-bit quants; --no-imatrix skips it)...")
     started = time.monotonic()
-    data = imatrix.compute_imatrix(source.path, text)
+    data = imatrix.compute_imatrix(weights.path(), text)
     from .files import atomic_output
 
     with atomic_output(path, force=True) as tmp:
@@ -221,6 +249,67 @@ def _importance_matrix(manifest: Manifest, source: sources.ModelSource, path: Pa
     manifest.record_step("imatrix", seconds)
     manifest.save()
     return data
+
+
+def _resolve_adapter(opts: ExportOptions) -> tuple[sources.ModelSource | None, dict | None]:
+    """The adapter folder and what the manifest records of it: where from, and the hash of its weights."""
+    if not opts.adapter:
+        return None, None
+    from .merge import ADAPTER_CONFIG, adapter_weights_file, read_adapter_config
+
+    adapter = sources.resolve(opts.adapter, allow_pickle=opts.allow_pickle)
+    config = read_adapter_config(adapter.path)  # refuses what cannot be merged, before any work
+    weights = adapter_weights_file(adapter.path, allow_pickle=opts.allow_pickle)
+    record = adapter.describe() | {
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
+        "config_sha256": sha256_file(adapter.path / ADAPTER_CONFIG),
+        "lora": {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
+                                            "base_model_name_or_path")},
+    }
+    return adapter, record
+
+
+class _Weights:
+    """The HF folder the GGUF and the importance matrix are made from: the source itself, or the source merged
+    with the adapter into a temporary folder under the output folder (merged on first use, removed by cleanup)."""
+
+    def __init__(self, opts: ExportOptions, source: sources.ModelSource, info: hfmodel.ModelInfo,
+                 adapter: sources.ModelSource | None, merged_dir: Path, manifest: Manifest,
+                 log: Callable[[str], None]):
+        self.opts, self.source, self.base_info, self.adapter = opts, source, info, adapter
+        self.merged_dir, self.manifest, self.log = merged_dir, manifest, log
+        self._merged: hfmodel.ModelInfo | None = None
+
+    def info(self) -> hfmodel.ModelInfo:
+        if self.adapter is None:
+            return self.base_info
+        if self._merged is None:
+            self._merged = self._merge()
+        return self._merged
+
+    def path(self) -> Path:
+        return self.info().path
+
+    def _merge(self) -> hfmodel.ModelInfo:
+        from .merge import merge_lora
+
+        shutil.rmtree(self.merged_dir, ignore_errors=True)
+        self.log(f"Merging the LoRA adapter {self.adapter.ref} into {self.source.ref} (shard by shard)...")
+        started = time.monotonic()
+        report = merge_lora(self.source.path, self.adapter.path, self.merged_dir, force=self.opts.force,
+                            allow_pickle=self.opts.allow_pickle)
+        for warning in report.warnings:
+            self.log(f"  warning: {warning}")
+        self.manifest.record_step("merge", time.monotonic() - started, lora_pairs=report.lora_pairs_applied,
+                                  tensors_changed=report.tensors_changed, tensors_replaced=report.tensors_replaced,
+                                  warnings=report.warnings)
+        self.log(f"  {report.tensors_changed} tensors changed.")
+        return hfmodel.inspect_model(self.merged_dir)
+
+    def cleanup(self) -> None:
+        if self.adapter is not None:
+            shutil.rmtree(self.merged_dir, ignore_errors=True)
 
 
 def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:
@@ -239,5 +328,8 @@ def _record_gguf(manifest: Manifest, path: Path, key: str, kind: str, seconds: f
 
 def _clean_partials(out: Path) -> None:
     """Leftovers of a killed run are never finished files; remove them so they can't be mistaken for any."""
-    for leftover in out.glob(f"*{PARTIAL_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
+    for leftover in [*out.glob(f"*{PARTIAL_SUFFIX}"), *out.glob(f"*{MERGED_SUFFIX}")]:
+        if leftover.is_dir():  # a merged HF folder (or its .partial) left by a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

@@ -37,8 +37,6 @@ def default_calibration_text() -> str:
 
 
 def gguf_tensor_name(hf_module: str) -> str | None:
-    if hf_module == "lm_head":
-        return "output.weight"
     match = _LAYER.match(hf_module)
     if match and match.group(2) in _LAYER_MODULES:
         return f"blk.{match.group(1)}.{_LAYER_MODULES[match.group(2)]}.weight"
@@ -51,6 +49,9 @@ def compute_imatrix(model_dir: Path, text: str, *, chunk_tokens: int = 512, max_
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(text, add_special_tokens=True)["input_ids"][:max_tokens]
@@ -75,11 +76,15 @@ def compute_imatrix(model_dir: Path, text: str, *, chunk_tokens: int = 512, max_
 
     handles = [module.register_forward_pre_hook(hook_for(gguf))
                for hf_name, module in model.named_modules() if (gguf := gguf_tensor_name(hf_name))]
+    record_output = hook_for("output.weight")
     try:
         with torch.no_grad():
             starts = range(0, len(ids), chunk_tokens)
             for start in tqdm(starts, desc="importance matrix", unit="chunk", leave=False, disable=not progress or None):
-                model(torch.tensor([ids[start:start + chunk_tokens]]))
+                # The decoder stack only: its normed output is lm_head's input, and the vocabulary projection
+                # itself (128k columns for Llama-3) would cost time and memory for nothing.
+                hidden = model.model(torch.tensor([ids[start:start + chunk_tokens]])).last_hidden_state
+                record_output(None, (hidden,))
     finally:
         for handle in handles:
             handle.remove()

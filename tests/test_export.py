@@ -150,12 +150,25 @@ def test_pickle_weights_are_refused(tiny_llama3_dir, tmp_path):
     assert_one_line_error(run_cli("export", str(model), "--out", str(tmp_path / "o")), "pickle", "--allow-pickle")
 
 
-@pytest.mark.parametrize("spec, fragment", [("q4_k_x", "unknown quant type"), ("iq2_xs", "importance matrix"),
-                                            (",", "--q is empty")])
-def test_bad_quant_types(tiny_llama3_dir, tmp_path, spec, fragment):
-    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--q", spec, "--out", str(tmp_path / "o")),
+@pytest.mark.parametrize("spec, extra, fragment", [
+    ("q4_k_x", [], "unknown quant type"),
+    ("iq2_xs", ["--no-imatrix"], "importance matrix"),
+    (",", [], "--q is empty"),
+])
+def test_bad_quant_types(tiny_llama3_dir, tmp_path, spec, extra, fragment):
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--q", spec, *extra, "--out", str(tmp_path / "o")),
                           fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_imatrix_types_are_made_with_an_importance_matrix(tiny_llama3_dir, tmp_path):
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "iq2_xs", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"]["tiny-llama3-v1-bfloat16.imatrix.safetensors"]["tensors"] == 2 * 7 + 1
+    meta = ggufmeta.read_metadata(tmp_path / "tiny-llama3-v1-bfloat16.iq2_xs.gguf")
+    assert ggufmeta.file_type_name(meta) == "iq2_xs"
+    assert "IQ2_XS" in meta["l3zh.tensor_types"]
 
 
 def test_unwritable_output_folder(tiny_llama3_dir, tmp_path):
