@@ -208,7 +208,7 @@ def verify_gguf(
 
     ref: the HF folder the GGUF came from, or a 16-bit GGUF of it; without it tokenizer parity and quality are
     skipped. quant_type: names the threshold row (read from the GGUF when None). family: a chat family of the
-    template registry, giving the expected template and stop token; expected_template / expected_eos give them
+    template registry, giving the expected template, EOS and stop tokens; expected_template / expected_eos give them
     directly. stop_mode: "natural", "forced" (stop token forced through the logits), "auto" (natural unless the
     model is untrained) or "skip". checks: which of ALL_CHECKS to run.
     """
@@ -224,14 +224,16 @@ def verify_gguf(
         raise InputError(f"unknown check {', '.join(sorted(unknown))}: choose from {', '.join(ALL_CHECKS)}")
     if stop_mode not in ("auto", "natural", "forced", "skip"):
         raise InputError(f"unknown stop mode {stop_mode}: choose auto, natural, forced or skip")
+    stop_texts: list[str] = []
     if family is not None:
-        expected_template, expected_eos, stop_tokens = _from_family(family, expected_template, expected_eos, stop_tokens)
+        expected_template, expected_eos, stop_texts = _from_family(family, expected_template, expected_eos)
     threads = threads or physical_cores()
 
     expected_ids = [expected_eos] if isinstance(expected_eos, int) else []
+    eos_texts = [expected_eos] if isinstance(expected_eos, str) else []
     probe_args = {
         "gguf": str(gguf), "texts": [c.text for c in evaltext.tokenizer_cases()], "chats": SAMPLE_CHATS,
-        "expected_template": expected_template, "token_texts": [expected_eos] if isinstance(expected_eos, str) else [],
+        "expected_template": expected_template, "token_texts": eos_texts + stop_texts,
     }
     probe, crash = _isolated("tokenize_probe", probe_args, timeout_s)
     report = VerifyReport(gguf=str(gguf), ref=str(ref) if ref else None, quant_type=None)
@@ -246,7 +248,8 @@ def verify_gguf(
             report.checks.append(_template_check(probe, expected_template))
         if "eos" in checks:
             report.checks.append(_eos_check(probe, expected_eos))
-        expected_ids += [probe["token_text_ids"].get(expected_eos)] if isinstance(expected_eos, str) else []
+        # The EOS first (the stop check forces it on untrained models), then the family's other stop tokens.
+        expected_ids += [probe["token_text_ids"].get(text) for text in eos_texts + stop_texts]
     report.quant_type = quant_type or (probe or {}).get("file_type")
 
     if crash:  # nothing else can load it either
@@ -261,7 +264,7 @@ def verify_gguf(
         if quality.figures.get("languages"):
             untrained = max(f["ppl_gguf"] for f in quality.figures["languages"].values()) > UNTRAINED_PPL
     if "stop" in checks:
-        stop_ids = [i for i in (stop_tokens or expected_ids) if i is not None]
+        stop_ids = list(dict.fromkeys(i for i in (stop_tokens or expected_ids) if i is not None))
         report.checks.append(_stop_check(gguf, stop_mode, stop_ids, max_new_tokens, untrained, threads, timeout_s))
     return report
 
@@ -269,16 +272,15 @@ def verify_gguf(
 UNTRAINED_PPL = 1000.0  # a trained model's perplexity on ordinary prose is far below this; a random one's is ~vocab
 
 
-def _from_family(family, expected_template, expected_eos, stop_tokens):
-    try:
-        from .templates import get_family
-    except ImportError:
-        raise InputError("the template registry is not installed: pass expected_template/expected_eos") from None
+def _from_family(family: str, expected_template, expected_eos) -> tuple[str, str | int, list[str]]:
+    """Expected template, EOS and stop-token texts from the template registry (explicit arguments win)."""
+    from .templates import get_family
+
     fam = get_family(family)
     return (
         expected_template if expected_template is not None else fam.jinja,
         expected_eos if expected_eos is not None else fam.eos_token,
-        stop_tokens if stop_tokens is not None else None,
+        list(fam.stop_tokens),
     )
 
 
