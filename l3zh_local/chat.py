@@ -254,12 +254,11 @@ def one_shot(gguf: Path, question: str, *, system: str | None = None, sampling: 
     llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
     system = family_default_system(llm) if system is None else system
     session = ChatSession(llm, system=system, sampling=sampling or Sampling())
-    on_text = None
-    if stream is not None:
-        def on_text(text: str) -> None:
-            stream.write(text)
-            stream.flush()
-    return session.reply(question, on_text)
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return session.reply(question, write if stream is not None else None)
 
 
 def run_chat(gguf: Path, *, system: str | None = None, sampling: Sampling | None = None, n_ctx: int = 4096,
