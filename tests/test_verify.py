@@ -229,3 +229,32 @@ def test_demo_model_stops_by_itself(demo_f16):
     stop = report.check("stop")
     assert stop.figures["mode"] == "natural" and "forced" not in stop.message
     assert stop.figures["stop_id"] == 2 and "Paris" in stop.figures["text"]
+
+
+def rewrite_gguf(src: Path, dst: Path, changes: dict) -> Path:
+    """Copy a GGUF with gguf-py, replacing the metadata values named in `changes`."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # written by GGUFWriter itself
+        sub_type = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, changes.get(name, f.contents()), f.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_native_abort_is_a_failed_check_naming_the_signal(tiny_q8, tmp_path):
+    # A byte-level BPE vocabulary declared as SentencePiece ("llama"): llama.cpp looks for <0x..> byte tokens
+    # that are not there and aborts the process (std::out_of_range, SIGABRT), as FACTS.md's broken vocabulary did.
+    broken = rewrite_gguf(tiny_q8, tmp_path / "spm.gguf", {"tokenizer.ggml.model": "llama"})
+    report = verify_gguf(broken, checks=("tokenizer", "template", "eos", "stop"))
+    assert {c.name for c in report.failures()} == {"tokenizer", "template", "eos", "stop"}
+    assert "SIGABRT" in report.check("tokenizer").message
