@@ -351,5 +351,67 @@ def modelfiles_cmd(out):
         click.echo(f"Wrote {path}")
 
 
+# -- verify / chat -----------------------------------------------------------------------------------------------
+
+@main.command("verify")
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--ref", type=click.Path(path_type=Path),
+              help="The model it came from: its HF folder (run in fp32 on CPU) or a 16-bit GGUF of it.")
+@click.option("--quant-type", help="Threshold row to judge quality by (default: the GGUF's own type).")
+@click.option("--template", "family", help="Chat family the GGUF must carry (template and EOS); see `templates`.")
+@click.option("--stop-mode", type=click.Choice(["auto", "natural", "forced", "skip"]), default="auto",
+              show_default=True, help="How to run the stop check (auto: forced only for untrained models).")
+@click.option("--checks", default="tokenizer,template,eos,quality,stop", show_default=True,
+              help="Comma-separated checks to run.")
+@click.option("--max-eval-tokens", type=int, default=1024, show_default=True,
+              help="Held-out tokens per language for the quality check.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, as_json):
+    """Check GGUF against its reference: tokenizer, template, EOS, quality (KLD, same top, PPL), stop.
+
+    Exit status 0 when every check passes, 1 when one fails.
+    """
+    from .verify import verify_gguf
+
+    report = verify_gguf(gguf, ref=ref, quant_type=quant_type, family=family, stop_mode=stop_mode,
+                         checks=[c.strip() for c in checks.split(",") if c.strip()],
+                         max_eval_tokens=max_eval_tokens, threads=threads)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.table())
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command("chat")
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", "question", help="Answer this one question and exit.")
+@click.option("--system", help="System prompt (default: the chat family's, if it has one; '' for none).")
+@click.option("--temperature", type=float, default=0.6, show_default=True)
+@click.option("--top-p", type=float, default=0.9, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--repeat-penalty", type=float, default=1.1, show_default=True)
+@click.option("--max-tokens", type=int, default=500, show_default=True, help="Most new tokens per reply.")
+@click.option("--ctx", type=int, default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
+@click.option("--stats", is_flag=True, help="Print token counts and speed after each reply.")
+def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, max_tokens, ctx, threads,
+             gpu_layers, seed, stats):
+    """Chat with GGUF in the terminal (/reset, /system TEXT, /exit), or answer one question with -p."""
+    from .chat import Sampling, one_shot, run_chat
+
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty,
+                        max_new_tokens=max_tokens)
+    common = dict(system=system, sampling=sampling, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    if question is not None:
+        one_shot(gguf, question, stream=sys.stdout, **common)
+        click.echo()
+    else:
+        run_chat(gguf, stats=stats, **common)
+
+
 if __name__ == "__main__":
     main()
