@@ -71,10 +71,11 @@ def _emit_json(data) -> None:
 @click.option("--template-file", type=click.Path(path_type=Path), help="A custom Jinja chat template.")
 @click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for.")
 @click.option("--ollama", "ollama_name", help="Also register the first quant with `ollama create NAME`.")
+@click.option("--no-verify", "skip_verify", is_flag=True, help="Skip checking each GGUF against its reference.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
-           calibration, template, template_file, num_ctx, ollama_name, force, as_json):
+           calibration, template, template_file, num_ctx, ollama_name, skip_verify, force, as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -88,12 +89,20 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
                          outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
                          llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
                          calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx,
-                         adapter=adapter)
+                         adapter=adapter, verify=not skip_verify)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
     if as_json:
         _emit_json(result.manifest.data)
-        return
+    else:
+        _print_export_summary(result, ollama_name)
+    if result.failed_verification:
+        click.echo(f"Error: verification failed for {', '.join(result.failed_verification)}: see the check table "
+                   "above (manifest.json keeps it); the files are kept for inspection", err=True)
+        sys.exit(1)
+
+
+def _print_export_summary(result, ollama_name: str | None) -> None:
     files = result.manifest.data["files"]
     click.echo(f"\nDone. In {result.out_dir}:")
     for fname, entry in files.items():
@@ -101,7 +110,7 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
             click.echo(f"  {fname:<48} {entry.get('type', ''):<8} {entry['size'] / 1024**2:9.1f} MiB")
     click.echo(f"  {result.manifest.path.name:<48} what was made, from what, and how")
     first = next(iter(result.quant_ggufs.values()), result.base_gguf)
-    modelfile, preset, _legacy = result.deploy_files[first.name]
+    modelfile = result.deploy_files[first.name][0]
     click.echo(f"  Beside each GGUF: <name>.Modelfile (Ollama), <name>.preset.json and <name>.legacy.preset.json "
                f"(LM Studio), chat template {result.family.name}.")
     click.echo(f"\nTry it:  l3zh-local chat {first}")

@@ -42,6 +42,7 @@ class ExportOptions:
     template_file: Path | None = None  # a custom Jinja chat template
     num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id) merged into the source first
+    verify: bool = True  # check every GGUF against its reference (verify.py) and record the verdicts
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ExportResult:
     family: templates.ChatFamily
     deploy_files: dict[str, list[Path]]  # GGUF file name -> its Modelfile and presets
     adapter: sources.ModelSource | None = None
+    failed_verification: list[str] = field(default_factory=list)  # GGUF file names whose verify failed
 
 
 def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | None,
@@ -174,8 +176,45 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         written[gguf.name] = deploy.write_deploy_files(gguf, family, model_name, num_ctx)
         manifest.data["files"][gguf.name]["deploy_files"] = [p.name for p in written[gguf.name]]
     manifest.save()
+    failed: list[str] = []
+    if opts.verify:
+        # The HF model is the reference where it runs comfortably in fp32 (and is still there: a merged
+        # folder is gone by now); otherwise the 16-bit GGUF, in the same runtime.
+        hf_ref = info.path if adapter is None and info.n_params <= VERIFY_HF_MAX_PARAMS else None
+        for gguf in (base, *targets.values()):
+            ref = hf_ref if (hf_ref is not None or gguf == base) else base
+            if not _verified(manifest, gguf, ref, family, opts.threads, log):
+                failed.append(gguf.name)
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
-                        manifest=manifest, family=family, deploy_files=written, adapter=adapter)
+                        manifest=manifest, family=family, deploy_files=written, adapter=adapter,
+                        failed_verification=failed)
+
+
+VERIFY_HF_MAX_PARAMS = 1_000_000_000
+
+
+def _verified(manifest: Manifest, gguf: Path, ref: Path | None, family: templates.ChatFamily, threads: int,
+              log: Callable[[str], None]) -> bool:
+    """Run verify on one GGUF (or reuse its recorded verdict); record it; return whether it passed."""
+    from . import verify
+
+    entry = manifest.data["files"][gguf.name]
+    key = step_key("verify", entry["key"], str(ref), family.jinja, family.eos_token)
+    if entry.get("verify", {}).get("key") == key:
+        log(f"Reusing the verification of {gguf.name}: {'passed' if entry['verify']['passed'] else 'FAILED'}.")
+        return entry["verify"]["passed"]
+    if gguf.name == ref.name if ref else False:
+        ref = None
+    log(f"Verifying {gguf.name} against {ref.name if ref else 'its own metadata'}...")
+    started = time.monotonic()
+    expected = ({"family": family.name} if family.name in templates.FAMILIES
+                else {"expected_template": family.jinja, "expected_eos": family.eos_token})
+    report = verify.verify_gguf(gguf, ref=ref, quant_type=entry.get("type"), threads=threads or None, **expected)
+    entry["verify"] = {"key": key, "seconds": round(time.monotonic() - started, 1), **report.to_dict()}
+    manifest.save()
+    for line in report.table().splitlines():
+        log(f"  {line}")
+    return report.passed
 
 
 def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.Recipe | None,

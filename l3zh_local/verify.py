@@ -269,6 +269,7 @@ def verify_gguf(
     return report
 
 
+UNTRAINED_KLD_FACTOR = 2.0
 UNTRAINED_PPL = 1000.0  # a trained model's perplexity on ordinary prose is far below this; a random one's is ~vocab
 
 
@@ -409,12 +410,18 @@ def _quality_check(gguf, ref, quant_type, thresholds, n_ctx, max_eval_tokens, th
     # On an untrained model the top two logits are near ties everywhere, so which one wins is noise: the
     # same-top share is reported but not judged there (KL divergence and perplexity still are).
     untrained = max(f["ppl_ref"] for f in result.values()) > UNTRAINED_PPL
+    max_kld = thresholds.max_kld
     if untrained:
         notes.append(f"untrained reference (PPL > {UNTRAINED_PPL:g}): same-top share not judged")
+        if quant_type not in SIXTEEN_BIT:
+            # Random weights have none of the structure quantizers exploit: measured on the tiny fixture, their
+            # KLD runs 1 to 4.5 times llama.cpp's published trained-model figures (benchmarks/results).
+            max_kld = round(max_kld * UNTRAINED_KLD_FACTOR, 6)
+            notes.append(f"KLD limit x{UNTRAINED_KLD_FACTOR} for random weights")
     for lang, f in result.items():
-        if f["kld_mean"] > thresholds.max_kld:
-            problems.append(f"{lang} mean KLD {f['kld_mean']:.5f} > {thresholds.max_kld} "
-                            f"(x{f['kld_mean'] / thresholds.max_kld:.2f})")
+        if f["kld_mean"] > max_kld:
+            problems.append(f"{lang} mean KLD {f['kld_mean']:.5f} > {max_kld} "
+                            f"(x{f['kld_mean'] / max_kld:.2f})")
         if f["same_top"] < thresholds.min_same_top and not untrained:
             problems.append(f"{lang} same top {f['same_top']:.1%} < {thresholds.min_same_top:.1%} "
                             f"({(thresholds.min_same_top - f['same_top']) * 100:.1f} points short)")

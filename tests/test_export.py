@@ -41,7 +41,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def ladder_export(tiny_llama3_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ladder")
-    result = run_cli("export", str(tiny_llama3_dir), "--q", ",".join(LADDER), "--out", str(out))
+    result = run_cli("export", str(tiny_llama3_dir), "--q", ",".join(LADDER), "--no-verify", "--out", str(out))
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -69,7 +69,7 @@ def test_rerun_skips_finished_steps(ladder_export):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
     started = time.monotonic()
     result = run_cli("export", str(Path(json.loads((out / "manifest.json").read_text())["source"]["path"])),
-                     "--q", ",".join(LADDER), "--out", str(out))
+                     "--q", ",".join(LADDER), "--no-verify", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert result.output.count("Reusing") == len(LADDER) + 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == before
@@ -78,13 +78,13 @@ def test_rerun_skips_finished_steps(ladder_export):
 
 def test_rerun_redoes_a_step_whose_output_changed(tiny_llama3_dir, tmp_path):
     out = tmp_path / "out"
-    assert run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--out", str(out)).exit_code == 0
+    assert run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--no-verify", "--out", str(out)).exit_code == 0
     quant = out / "tiny-llama3-v1-bfloat16.q4_0.gguf"
     with open(quant, "ab") as fh:  # damaged after the fact: must not be reused, and must not be clobbered silently
         fh.write(b"junk")
-    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--out", str(out))
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--no-verify", "--out", str(out))
     assert_one_line_error(result, "--force")
-    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--out", str(out), "--force")
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_0", "--no-verify", "--out", str(out), "--force")
     assert result.exit_code == 0, result.output
     assert "Reusing" not in result.output
     assert ggufmeta.file_type_name(ggufmeta.read_metadata(quant)) == "q4_0"
@@ -92,7 +92,7 @@ def test_rerun_redoes_a_step_whose_output_changed(tiny_llama3_dir, tmp_path):
 
 def test_existing_output_is_not_clobbered(tiny_llama3_dir, tmp_path):
     (tmp_path / "tiny-llama3-v1-bfloat16.bf16.gguf").write_bytes(b"someone else's file")
-    result = run_cli("export", str(tiny_llama3_dir), "--q", "q8_0", "--out", str(tmp_path))
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q8_0", "--no-verify", "--out", str(tmp_path))
     assert_one_line_error(result, "exists", "--force")
     assert (tmp_path / "tiny-llama3-v1-bfloat16.bf16.gguf").read_bytes() == b"someone else's file"
 
@@ -162,7 +162,7 @@ def test_bad_quant_types(tiny_llama3_dir, tmp_path, spec, extra, fragment):
 
 
 def test_imatrix_types_are_made_with_an_importance_matrix(tiny_llama3_dir, tmp_path):
-    result = run_cli("export", str(tiny_llama3_dir), "--q", "iq2_xs", "--out", str(tmp_path))
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "iq2_xs", "--no-verify", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["files"]["tiny-llama3-v1-bfloat16.imatrix.safetensors"]["tensors"] == 2 * 7 + 1
@@ -199,7 +199,7 @@ def test_not_enough_disk(tiny_llama3_dir, tmp_path, monkeypatch):
 # -- interruption: nothing that looks finished ----------------------------------------------------------------------
 
 def _start_export(model: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "l3zh_local.cli", "export", str(model), "--q", "q4_k_m",
+    return subprocess.Popen([sys.executable, "-m", "l3zh_local.cli", "export", str(model), "--q", "q4_k_m", "--no-verify",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -235,11 +235,41 @@ def test_kill_then_rerun_finishes_cleanly(tiny_llama3_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert not partial.with_name(partial.name.removesuffix(".partial")).exists()
-    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_k_m", "--out", str(out))
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_k_m", "--no-verify", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "Reusing tiny-llama3-v1-bfloat16.bf16.gguf" in result.output  # finished before the kill
     assert not list(out.glob("*.partial"))
     assert ggufmeta.file_type_name(ggufmeta.read_metadata(out / "tiny-llama3-v1-bfloat16.q4_k_m.gguf")) == "q4_k_m"
+
+
+def test_export_verifies_each_gguf_and_records_the_verdict(tiny_llama3_dir, tmp_path):
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q4_k_m", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    for name in ("tiny-llama3-v1-bfloat16.bf16.gguf", "tiny-llama3-v1-bfloat16.q4_k_m.gguf"):
+        verdict = files[name]["verify"]
+        assert verdict["passed"] is True
+        assert verdict["ref"] == str(tiny_llama3_dir)  # small model: judged against the HF weights
+        assert {c["name"] for c in verdict["checks"]} == {"tokenizer", "template", "eos", "quality", "stop"}
+    again = run_cli("export", str(tiny_llama3_dir), "--q", "q4_k_m", "--out", str(tmp_path))
+    assert again.exit_code == 0 and again.output.count("Reusing the verification") == 2
+
+
+def test_export_fails_when_verification_fails(tiny_llama3_dir, tmp_path):
+    from l3zh_local.templates import get_family
+
+    # A custom template whose declared EOS is not the token that ends its assistant turns: a classic mistake.
+    template = tmp_path / "wrong-eos.jinja"
+    template.write_text('{# l3zh: {"eos_token": "<|end_of_text|>"} #}' + get_family("llama3").jinja)
+    out = tmp_path / "o"
+    result = run_cli("export", str(tiny_llama3_dir), "--q", "q8_0", "--template-file", str(template),
+                     "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert "Error: verification failed for tiny-llama3-v1-bfloat16.bf16.gguf, tiny-llama3-v1-bfloat16.q8_0.gguf" \
+        in result.output
+    verdict = json.loads((out / "manifest.json").read_text())["files"]["tiny-llama3-v1-bfloat16.q8_0.gguf"]["verify"]
+    assert [c["name"] for c in verdict["checks"] if c["status"] == "fail"] == ["eos"]
+    assert (out / "tiny-llama3-v1-bfloat16.q8_0.gguf").is_file()  # kept for inspection, and the verdict says why
 
 
 def test_convert_and_quantize_commands(tiny_llama3_dir, tmp_path):

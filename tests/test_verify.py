@@ -13,7 +13,7 @@ from l3zh_local import hfmodel
 from l3zh_local.convert import TokenizerOverrides, convert_to_gguf
 from l3zh_local.errors import InputError
 from l3zh_local.fixtures import LLAMA3_INSTRUCT_TEMPLATE
-from l3zh_local.verify import FAIL, PASS, QualityThreshold, default_threshold, verify_gguf
+from l3zh_local.verify import FAIL, PASS, UNTRAINED_KLD_FACTOR, QualityThreshold, default_threshold, verify_gguf
 
 EOT = "<|eot_id|>"
 CHATML = (
@@ -175,7 +175,8 @@ def test_q2_k_fails_a_q4_k_m_threshold(tiny_llama3_gguf, tiny_llama3_dir, tmp_pa
     q2 = quantize(tiny_llama3_gguf, tmp_path / "tiny.q2_k.gguf", "q2_k")
     report = verify(q2, tiny_llama3_gguf, quant_type="q4_k_m", checks=("quality",))
     check = only_failure(report, "quality")
-    limit = default_threshold("q4_k_m").max_kld
+    # The fixture's weights are random: the limit is the q4_k_m one widened for untrained models.
+    limit = round(default_threshold("q4_k_m").max_kld * UNTRAINED_KLD_FACTOR, 6)
     assert "zh mean KLD" in check.message and f"> {limit}" in check.message
     # Thresholds given directly decide too.
     tight = QualityThreshold(max_kld=0.05, min_same_top=0.0, max_ppl_ratio=10.0)
