@@ -1,9 +1,9 @@
 """Time and peak memory of `l3zh-local export` against llama.cpp's converter and quantizer run directly.
 
 Both sides do the same work on the same model: HF folder -> 16-bit GGUF (the same pinned convert_hf_to_gguf.py)
--> one quant through libllama's llama_model_quantize. The export runs with --no-imatrix, since the baseline has no
-importance matrix; the imatrix's own cost is printed on a separate line. Each run is a fresh process tree; peak
-memory is the largest RSS of any process in it. Runs alternate, and the median of --repeat runs is shown.
+-> one quant through libllama's llama_model_quantize. The export runs with --no-imatrix --no-verify, since the
+baseline has no importance matrix and no checks; the imatrix's own cost is printed on a separate line. Each run is
+a fresh process tree; peak memory is the largest RSS of any process in it. Runs alternate; medians are shown.
 
     python benchmarks/export_overhead.py                 # the demo model, q4_k_m
     python benchmarks/export_overhead.py --model PATH --q q5_k_m --repeat 3
@@ -77,7 +77,7 @@ def main() -> None:
                 str(base_dir / "m.gguf"), str(base_dir / "q.gguf"), qtype.ftype]))
             runs["l3zh-local export"].append(measure([
                 sys.executable, "-m", "l3zh_local.cli", "export", str(model), "--q", qtype.name, "--no-imatrix",
-                "--out", str(Path(tmp) / f"export{i}")]))
+                "--no-verify", "--out", str(Path(tmp) / f"export{i}")]))
         probe = Path(tmp) / "imatrix"
         runs["imatrix (extra)"].append(measure([
             sys.executable, "-c",
