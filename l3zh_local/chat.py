@@ -22,21 +22,25 @@ from pathlib import Path
 from . import prompt
 from .errors import InputError, L3zhError
 from .hardware import physical_cores
+from .templates import Sampling as FamilySampling
 
 COMMANDS_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 USER_PROMPT = ">>> "
 
 
+_SEED = FamilySampling()  # the seed project's defaults, defined once with the chat families
+
+
 @dataclass
 class Sampling:
-    """Sampling settings; the defaults are the seed project's (temperature 0.6, top_p 0.9, repetition 1.1, 500)."""
+    """Sampling settings for a chat; defaults from the chat families' (the seed's 0.6 / 0.9 / 1.1 / 500)."""
 
-    temperature: float = 0.6
-    top_p: float = 0.9
+    temperature: float = _SEED.temperature
+    top_p: float = _SEED.top_p
     top_k: int = 40
     min_p: float = 0.0
-    repeat_penalty: float = 1.1
-    max_new_tokens: int = 500
+    repeat_penalty: float = _SEED.repeat_penalty
+    max_new_tokens: int = _SEED.num_predict
 
 
 @dataclass
