@@ -69,6 +69,9 @@ def _from_huggingface(repo_id: str, revision: str | None, allow_pickle: bool) ->
     except errors.GatedRepoError:
         raise InputError(f"{repo_id} is gated: accept its licence on the hub, then `hf auth login`") from None
     except (errors.LocalEntryNotFoundError, OSError) as exc:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise OfflineError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                               "unset it to download, or pass a local folder") from None
         raise OfflineError(
             f"cannot download {repo_id} from {endpoint} ({_first_line(exc)}); check the network, set "
             "HF_ENDPOINT=https://hf-mirror.com in China, use modelscope:<id>, or pass a local folder"
