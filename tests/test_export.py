@@ -182,7 +182,16 @@ def test_offline_hub_id_fails_fast(tmp_path):
     started = time.monotonic()
     result = run_cli("export", "shareAI/llama3.1-8b-instruct-dpo-zh", "--out", str(tmp_path / "o"),
                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert_one_line_error(result, "cannot download shareAI/llama3.1-8b-instruct-dpo-zh")
+    assert_one_line_error(result, "shareAI/llama3.1-8b-instruct-dpo-zh", "HF_HUB_OFFLINE is set")
+    assert time.monotonic() - started < 60
+
+
+def test_unreachable_hub_fails_fast_with_advice(tmp_path):
+    started = time.monotonic()
+    # A closed port on loopback: the connection is refused at once, as on a machine without network.
+    result = run_cli("export", "shareAI/llama3.1-8b-instruct-dpo-zh", "--out", str(tmp_path / "o"),
+                     env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    assert_one_line_error(result, "cannot download shareAI/llama3.1-8b-instruct-dpo-zh", "hf-mirror.com")
     assert time.monotonic() - started < 60
 
 
