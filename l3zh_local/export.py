@@ -170,7 +170,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         _record_gguf(manifest, path, quant_keys[name], "quant", time.monotonic() - started, fallback=note)
         manifest.save()
 
-    model_name = f"{stem}" if not source.is_demo else "smollm2-135m-instruct-demo"
+    model_name = "smollm2-135m-instruct-demo" if source.is_demo else stem
     written: dict[str, list[Path]] = {}
     for gguf in (base, *targets.values()):
         written[gguf.name] = deploy.write_deploy_files(gguf, family, model_name, num_ctx)
@@ -182,7 +182,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         # folder is gone by now); otherwise the 16-bit GGUF, in the same runtime.
         hf_ref = info.path if adapter is None and info.n_params <= VERIFY_HF_MAX_PARAMS else None
         for gguf in (base, *targets.values()):
-            ref = hf_ref if (hf_ref is not None or gguf == base) else base
+            ref = hf_ref or (None if gguf == base else base)  # a large model's 16-bit GGUF has no reference
             if not _verified(manifest, gguf, ref, family, opts.threads, log):
                 failed.append(gguf.name)
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
@@ -203,8 +203,6 @@ def _verified(manifest: Manifest, gguf: Path, ref: Path | None, family: template
     if entry.get("verify", {}).get("key") == key:
         log(f"Reusing the verification of {gguf.name}: {'passed' if entry['verify']['passed'] else 'FAILED'}.")
         return entry["verify"]["passed"]
-    if gguf.name == ref.name if ref else False:
-        ref = None
     log(f"Verifying {gguf.name} against {ref.name if ref else 'its own metadata'}...")
     started = time.monotonic()
     expected = ({"family": family.name} if family.name in templates.FAMILIES
