@@ -7,7 +7,6 @@ exercised. Built once into the cache and reused.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -94,7 +93,3 @@ def tiny_llama3(dest: Path | None = None, *, dtype: str = "bfloat16", seed: int 
         os.replace(tmp, dest)
         os.mkdir(tmp)  # TemporaryDirectory wants something to clean up
     return dest
-
-
-def read_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())

@@ -23,10 +23,6 @@ class SafetensorsFile:
     path: Path
     tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}
 
-    @property
-    def dtypes(self) -> set[str]:
-        return {t["dtype"] for t in self.tensors.values()}
-
 
 @dataclass
 class ModelInfo:

@@ -544,7 +544,7 @@ def _write_merged(info: ModelInfo, adapter: LoraAdapter, out: Path, *, progress:
                 _write_shard(base_file, out / shard.path.name, adapter, adapter_file, stats, bar)
     index = info.path / INDEX_NAME
     if index.is_file():
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = read_json(index)
         data.setdefault("metadata", {})["total_size"] = sum(
             _nbytes(t) for f in info.safetensors for t in f.tensors.values()
         )

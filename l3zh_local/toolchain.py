@@ -8,7 +8,6 @@ the converter in a subprocess. A user's own checkout can replace it (``--llama-c
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -26,7 +25,7 @@ from typing import TextIO
 
 from . import settings
 from .errors import OfflineError, ToolchainError
-from .files import human_size
+from .files import sha256_file
 
 RUNTIME_PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -103,7 +102,7 @@ def _install_from_sdist(version: str, root: Path) -> None:
         staging = Path(tmp) / "tree"
         _unpack(sdist, staging)
         (staging / ".complete.json").write_text(
-            json.dumps({"runtime_version": version, "sdist": sdist.name, "sdist_sha256": _sha256(sdist)})
+            json.dumps({"runtime_version": version, "sdist": sdist.name, "sdist_sha256": sha256_file(sdist)})
         )
         if root.exists():  # a half-finished earlier attempt
             shutil.rmtree(root)
@@ -156,14 +155,6 @@ def _unpack(sdist: Path, dest: Path) -> None:
         raise ToolchainError(f"could not unpack {sdist}: {exc}; delete it and run again") from None
     if not (dest / CONVERTER).is_file():
         raise ToolchainError(f"{sdist} holds no vendor/llama.cpp/{CONVERTER}; is it a llama-cpp-python sdist?")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_converter(
@@ -269,8 +260,3 @@ def _last_error_line(log_path: Path) -> str:
         if "Error" in line or "error" in line:
             return line[:300]
     return lines[-1][:300] if lines else "no output"
-
-
-def describe_disk(folder: Path) -> str:
-    usage = shutil.disk_usage(folder)
-    return f"{human_size(usage.free)} free of {human_size(usage.total)}"
