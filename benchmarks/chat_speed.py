@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from l3zh_local import evaltext, settings  # noqa: E402
-from l3zh_local.chat import ChatSession, Sampling, load_model  # noqa: E402
+from l3zh_local.chat import ChatSession, load_model  # noqa: E402
+from l3zh_local.templates import Sampling  # noqa: E402
 from l3zh_local.hardware import physical_cores  # noqa: E402
 
 GEN_TOKENS = 128
@@ -97,11 +98,11 @@ def plain_speeds(llm, prompt_ids: list[int], story_ids: list[int]) -> tuple[floa
 def chat_speeds(llm, question: str, story: str) -> tuple[float, float, int]:
     """Prompt tokens/s (turn 1 from an empty cache) and generation tokens/s of the chat code."""
     llm.reset()
-    session = ChatSession(llm, sampling=Sampling(max_new_tokens=1))
+    session = ChatSession(llm, sampling=Sampling(max_tokens=1))
     session.reply(question)
     pp = session.last.prompt_tokens / session.last.time_to_first_token_s
     llm.reset()
-    session = ChatSession(llm, sampling=Sampling(max_new_tokens=GEN_TOKENS))
+    session = ChatSession(llm, sampling=Sampling(max_tokens=GEN_TOKENS))
     session.reply(story)
     last = session.last
     return pp, (last.generated_tokens - 1) / last.generation_s, last.generated_tokens
@@ -109,7 +110,7 @@ def chat_speeds(llm, question: str, story: str) -> tuple[float, float, int]:
 
 def turn_latency(llm) -> list[dict]:
     llm.reset()
-    session = ChatSession(llm, sampling=Sampling(max_new_tokens=32), system="You are a helpful assistant.")
+    session = ChatSession(llm, sampling=Sampling(max_tokens=32), system="You are a helpful assistant.")
     turns = []
     for i, question in enumerate(QUESTIONS, 1):
         session.reply(question)

@@ -1,46 +1,33 @@
-"""Terminal chat with a GGUF on a laptop CPU (llama-cpp-python), and a one-shot mode for scripts.
+"""Chat with a GGUF on a laptop CPU (llama-cpp-python): a `ChatSession`, a one-shot `chat()`, the terminal loop.
 
-The conversation is rendered with the GGUF's own chat template every turn and tokenized injection-safe (template
-text with special tokens parsed, message text as plain text: see prompt.py). llama-cpp-python's ``generate``
-keeps the evaluated tokens and their KV cache and, given the whole conversation again, evaluates only the part
-after the longest common prefix, so the wait before the first token does not grow with the conversation.
+The conversation is rendered with the GGUF's own chat template every turn and tokenized injection-safe by
+`prompt.ChatPrompt` (control tokens only from the template). llama-cpp-python's ``generate`` keeps the evaluated
+tokens and their KV cache and, given the whole conversation again, evaluates only the part after the longest
+common prefix, so the wait before the first token does not grow with the conversation.
 
-    python -m l3zh_local.chat model.gguf [--system TEXT] [-p QUESTION]
+Defaults (system prompt, sampling) come from the chat family the GGUF's template belongs to.
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import ctypes
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
-from . import prompt
-from .errors import InputError, L3zhError
+from .errors import InputError
 from .hardware import physical_cores
-from .templates import Sampling as FamilySampling
+from .prompt import ChatPrompt
+from .templates import ChatFamily, Sampling, detect_family
 
 COMMANDS_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 USER_PROMPT = ">>> "
-
-
-_SEED = FamilySampling()  # the seed project's defaults, defined once with the chat families
-
-
-@dataclass
-class Sampling:
-    """Sampling settings for a chat; defaults from the chat families' (the seed's 0.6 / 0.9 / 1.1 / 500)."""
-
-    temperature: float = _SEED.temperature
-    top_p: float = _SEED.top_p
-    top_k: int = 40
-    min_p: float = 0.0
-    repeat_penalty: float = _SEED.repeat_penalty
-    max_new_tokens: int = _SEED.num_predict
+DEFAULT_CTX = 4096
 
 
 @dataclass
@@ -67,7 +54,7 @@ class TurnStats:
                 f"{speed:.1f} tokens/s]")
 
 
-def load_model(gguf: Path, *, n_ctx: int = 4096, threads: int | None = None, gpu_layers: int = 0,
+def load_model(gguf: Path, *, n_ctx: int = DEFAULT_CTX, threads: int | None = None, gpu_layers: int = 0,
                seed: int | None = None, verbose: bool = False):
     """Load `gguf` with llama-cpp-python for chatting; InputError when it cannot be loaded."""
     gguf = Path(gguf)
@@ -101,18 +88,31 @@ def _silence_llama_log() -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
+def gguf_family(llm) -> ChatFamily | None:
+    """The chat family the GGUF's own template belongs to, or None for a template l3zh-local does not know."""
+    try:
+        return detect_family(llm.metadata.get("tokenizer.chat_template"))
+    except InputError:
+        return None
+
+
+def sampling_for(family: ChatFamily | None, **overrides: Any) -> Sampling:
+    """The family's sampling defaults (the seed's when unknown) with the given non-None values instead."""
+    base = family.sampling if family is not None else Sampling()
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
 @dataclass
 class ChatSession:
     """A conversation with a loaded model: history, system prompt, and the token-level bookkeeping.
 
-    template / stop_ids default to the GGUF's own: ``tokenizer.chat_template`` and the runtime's
-    end-of-generation tokens. A family from the template registry can pass its own.
+    The prompt is the GGUF's own chat template (`prompt.ChatPrompt.from_llama`). Generation stops at any
+    end-of-generation or control token of the vocabulary, and at `stop_ids` when given.
     """
 
-    llm: object
+    llm: Any
     system: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
-    template: str | None = None
     stop_ids: set[int] | None = None
     messages: list[dict] = field(default_factory=list)
     last: TurnStats = field(default_factory=TurnStats)
@@ -120,21 +120,25 @@ class ChatSession:
     def __post_init__(self) -> None:
         import llama_cpp
 
-        self.template = self.template or self.llm.metadata.get("tokenizer.chat_template")
-        if not self.template:
-            raise InputError("the GGUF has no chat template (tokenizer.chat_template); re-export it with --template")
-        self._vocab = self.llm._model.vocab
-        self._is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(self._vocab, t))
-        self._is_control = lambda t: bool(
-            llama_cpp.llama_vocab_get_attr(self._vocab, t) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
-        )
-        self._bos_text = self._token_text(self.llm.token_bos())
-        self._eos_text = self._token_text(self.llm.token_eos())
+        self.prompt = ChatPrompt.from_llama(self.llm)
+        vocab = self.llm._model.vocab
+        self._is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t))
+        self._control_ids = set(self.prompt.control_tokens.values())
 
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+    @classmethod
+    def open(cls, gguf: Path, *, system: str | None = None, sampling: Sampling | None = None,
+             n_ctx: int = DEFAULT_CTX, threads: int | None = None, gpu_layers: int = 0,
+             seed: int | None = None) -> ChatSession:
+        """Load `gguf` and start a conversation with its chat family's defaults.
+
+        system None means the family's default system prompt (the seed's shareAI models have one); "" means none.
+        sampling None means the family's sampling defaults.
+        """
+        llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+        family = gguf_family(llm)
+        if system is None:
+            system = family.default_system if family else None
+        return cls(llm, system=system or None, sampling=sampling or sampling_for(family))
 
     # -- conversation state ------------------------------------------------------------------------------------
 
@@ -145,29 +149,26 @@ class ChatSession:
     def set_system(self, text: str | None) -> None:
         self.system = text or None
 
-    def conversation(self, user_text: str | None = None) -> list[dict]:
+    def conversation(self, user_text: str | None = None, history: list[dict] | None = None) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         tail = [{"role": "user", "content": user_text}] if user_text is not None else []
-        return head + self.messages + tail
+        return head + (self.messages if history is None else history) + tail
 
     def tokens(self, messages: list[dict]) -> list[int]:
         """The prompt for `messages`, ending with the assistant header."""
-        return prompt.tokenize_chat(
-            lambda text, special: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special),
-            self.template, messages, bos_token=self._bos_text, eos_token=self._eos_text,
-        )
+        return self.prompt.ids(messages)
 
     def _fit(self, user_text: str) -> tuple[list[int], int, int]:
         """Prompt tokens, new-token budget and dropped messages, trimming the oldest turns to fit n_ctx."""
         # llama.cpp may round the context up; llama-cpp-python's token bookkeeping keeps the size asked for.
         n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
+        max_tokens = self.sampling.max_tokens
         dropped = 0
         while True:
             history = self.messages[dropped:]
-            head = [{"role": "system", "content": self.system}] if self.system else []
-            tokens = self.tokens(head + history + [{"role": "user", "content": user_text}])
+            tokens = self.tokens(self.conversation(user_text, history))
             room = n_ctx - len(tokens)
-            if room >= min(self.sampling.max_new_tokens, n_ctx // 4) or not history:
+            if room >= min(max_tokens, n_ctx // 4) or not history:
                 break
             # Drop the oldest user turn together with the replies that follow it.
             dropped += 1
@@ -176,7 +177,7 @@ class ChatSession:
         if room < 16:
             raise InputError(f"the message is too long: {len(tokens)} tokens in a context of {n_ctx}; "
                              "shorten it or raise --ctx")
-        return tokens, min(self.sampling.max_new_tokens, room), dropped
+        return tokens, min(max_tokens, room), dropped
 
     # -- one turn ----------------------------------------------------------------------------------------------
 
@@ -189,8 +190,16 @@ class ChatSession:
         reused = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
         stats = TurnStats(prompt_tokens=len(tokens), reused_tokens=min(reused, len(tokens) - 1),
                           trimmed_messages=dropped)
+        # A character split across tokens is held until its last byte arrives: no broken UTF-8 is shown.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
+
+        def emit(text: str) -> None:
+            if text:
+                pieces.append(text)
+                if on_text:
+                    on_text(text)
+
         s = self.sampling
         start = time.perf_counter()
         first = None
@@ -205,19 +214,11 @@ class ChatSession:
                     stats.stop_token = token
                     break
                 stats.generated_tokens += 1
-                text = decoder.decode(self.llm.detokenize([token]))
-                if text:
-                    pieces.append(text)
-                    if on_text:
-                        on_text(text)
+                emit(decoder.decode(self.llm.detokenize([token])))
                 if stats.generated_tokens >= budget:
                     break
         finally:
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                pieces.append(tail)
-                if on_text:
-                    on_text(tail)
+            emit(decoder.decode(b"", final=True))
             end = time.perf_counter()
             stats.time_to_first_token_s = (first or end) - start
             stats.generation_s = end - (first or end)
@@ -230,64 +231,45 @@ class ChatSession:
         if self.stop_ids is not None and token in self.stop_ids:
             return True
         # Any control token ends the turn: a header or end-of-turn token in a reply is template text, not answer.
-        return self._is_eog(token) or self._is_control(token)
+        return self._is_eog(token) or token in self._control_ids
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Front ends
-# ---------------------------------------------------------------------------------------------------------------
+def chat(gguf: Path, question: str, *, system: str | None = None, sampling: Sampling | None = None,
+         n_ctx: int = DEFAULT_CTX, threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
+         stream: TextIO | None = None) -> str:
+    """Answer one question with `gguf` and return the answer; with `stream`, also write it there as it comes.
 
-
-def family_default_system(llm) -> str | None:
-    """The default system prompt of the chat family the GGUF's template belongs to (None if unknown or none)."""
-    from .templates import detect_family
-
-    try:
-        return detect_family(llm.metadata.get("tokenizer.chat_template")).default_system
-    except InputError:
-        return None
-
-
-def one_shot(gguf: Path, question: str, *, system: str | None = None, sampling: Sampling | None = None,
-             n_ctx: int = 4096, threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
-             stream=None) -> str:
-    """Answer one question and return the answer; with `stream`, also write it there as it is generated.
-
-    system None means the family's default system prompt (the seed's shareAI models have one); "" means none.
+    system and sampling: as in `ChatSession.open` (None: the chat family's defaults).
     """
-    llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
-    system = family_default_system(llm) if system is None else system
-    session = ChatSession(llm, system=system, sampling=sampling or Sampling())
+    session = ChatSession.open(gguf, system=system, sampling=sampling, n_ctx=n_ctx, threads=threads,
+                               gpu_layers=gpu_layers, seed=seed)
+
     def write(text: str) -> None:
+        assert stream is not None
         stream.write(text)
         stream.flush()
 
     return session.reply(question, write if stream is not None else None)
 
 
-def run_chat(gguf: Path, *, system: str | None = None, sampling: Sampling | None = None, n_ctx: int = 4096,
-             threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
-             input_fn: Callable[[str], str] = input, out=None, stats: bool = False) -> None:
-    """Interactive chat on the terminal until /exit or end of input (system: as in `one_shot`)."""
+def run_terminal_chat(session: ChatSession, *, title: str, input_fn: Callable[[str], str] = input,
+                      out: TextIO | None = None, stats: bool = False) -> None:
+    """Interactive chat on the terminal until /exit or end of input."""
     out = out or sys.stdout
-    llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
-    system = family_default_system(llm) if system is None else system
-    session = ChatSession(llm, system=system, sampling=sampling or Sampling())
-    out.write(f"Chatting with {Path(gguf).name} ({COMMANDS_HELP})\n")
-    out.flush()
 
     def show(text: str) -> None:
         out.write(text)
         out.flush()
 
+    show(f"Chatting with {title} ({COMMANDS_HELP})\n")
     while True:
         try:
             line = input_fn(USER_PROMPT)
         except EOFError:
-            out.write("\n")
+            show("\n")
             return
         except KeyboardInterrupt:
-            out.write("\n")
+            show("\n")
             continue
         command, _, argument = line.strip().partition(" ")
         if command == "/exit":
@@ -315,48 +297,3 @@ def run_chat(gguf: Path, *, system: str | None = None, sampling: Sampling | None
         show("\n")
         if stats:
             show(session.last.line() + "\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m l3zh_local.chat", description="Chat with a GGUF in the terminal.")
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Sampling()
-    parser.add_argument("gguf", type=Path)
-    parser.add_argument("-p", "--prompt", help="answer this one question and exit")
-    parser.add_argument("--system", help="system prompt (default: the chat family's, if it has one; '' for none)")
-    parser.add_argument("--temperature", type=float, default=d.temperature)
-    parser.add_argument("--top-p", type=float, default=d.top_p)
-    parser.add_argument("--top-k", type=int, default=d.top_k)
-    parser.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty)
-    parser.add_argument("--max-tokens", type=int, default=d.max_new_tokens, help="most new tokens per reply")
-    parser.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    parser.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (GPU builds only)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stats", action="store_true", help="print token counts and speed after each reply")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        repeat_penalty=args.repeat_penalty, max_new_tokens=args.max_tokens)
-    common = dict(system=args.system, sampling=sampling, n_ctx=args.ctx, threads=args.threads,
-                  gpu_layers=args.gpu_layers, seed=args.seed)
-    try:
-        if args.prompt is not None:
-            one_shot(args.gguf, args.prompt, stream=sys.stdout, **common)
-            sys.stdout.write("\n")
-        else:
-            run_chat(args.gguf, stats=args.stats, **common)
-    except L3zhError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from l3zh_local import settings
-from l3zh_local.templates import render_jinja
+from l3zh_local.prompt import render as render_jinja
 
 GO_SOURCE = Path(__file__).parent / "ollama_render"
 GO_INSTALL_HINT = "apt-get update && apt-get install -y golang-go"

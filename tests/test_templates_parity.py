@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from l3zh_local import fixtures, hfmodel
+from l3zh_local import hfmodel
+from support import fixtures
 from l3zh_local.convert import TokenizerOverrides, convert_to_gguf
 from l3zh_local.deploy import read_modelfile, write_deploy_files
 from l3zh_local.templates import encode_pieces, get_family, list_families, prompt_pieces, render_prompt
@@ -79,6 +80,7 @@ class Runtime:
         self.bos_text = llm._model.token_get_text(llm.token_bos())
         self.eos_text = llm._model.token_get_text(llm.token_eos())
         self.specials = [t.content for t in self.hf.added_tokens_decoder.values() if t.special]
+        self.prompt = ChatPrompt.from_llama(llm)  # what chat, verify and serve use
 
     def tokenize(self, text: str) -> list[int]:
         """How llama.cpp runtimes tokenize a rendered prompt: BOS by add_bos_token, special tokens parsed."""
@@ -158,9 +160,8 @@ def _all_ids(r: Runtime, go_renderer, conversation: list[dict]) -> dict[str, lis
         template["jinjaPromptTemplate"]["template"], lms_messages, r.bos_text, r.eos_text, r.adds_bos))
     if rt.legacy_expressible(family, conversation):
         ids["lmstudio_legacy"] = r.tokenize(rt.lmstudio_legacy_prompt(r.legacy, conversation))
-    # Our own safe encoding (control tokens only from the template) agrees too.
-    pieces = prompt_pieces(lambda msgs: render_prompt(family, msgs), conversation, r.specials)
-    ids["safe"] = encode_pieces(pieces, r.text_ids, r.control_id)
+    # The project's own prompt path (chat, verify, serve), on the GGUF's own metadata, agrees too.
+    ids["l3zh_local"] = r.prompt.ids(conversation)
     return ids
 
 
@@ -176,7 +177,7 @@ def test_every_runtime_gives_the_same_ids(family_name, runtimes, go_renderer):
         if r.adds_bos:
             assert reference[0] == BOS_ID and reference.count(BOS_ID) == 1, f"{family_name}/{conv_name}: BOS"
         else:  # no BOS added: the prompt is exactly the rendered template, which starts with its own token
-            assert reference == r.text_ids_special(render_prompt(r.family, conversation))
+            assert reference == r.text_ids_special(r.family.render(conversation))
     # The legacy preset was really compared for some conversations of every family.
     assert any(rt.legacy_expressible(r.family, c) for c in CONVERSATIONS.values())
 
@@ -226,7 +227,6 @@ MESSAGES = st.lists(
 @pytest.mark.parametrize("family_name", ["llama3.1", "shareai-base-sft", "chatml"])
 def test_arbitrary_text_keeps_parity_and_never_injects_control_tokens(family_name, runtimes, go_renderer):
     r = runtimes(family_name)
-    family = r.family
     lms_template = r.preset_field("llm.prediction.promptTemplate")["jinjaPromptTemplate"]["template"]
     lms_system = r.preset_field("llm.prediction.systemPrompt")
 
@@ -237,28 +237,29 @@ def test_arbitrary_text_keeps_parity_and_never_injects_control_tokens(family_nam
         return rt.lmstudio_jinja_prompt(lms_template, rt.lmstudio_messages(msgs, lms_system), r.bos_text,
                                         r.eos_text, r.adds_bos)
 
-    def jinja(msgs):
-        text = render_prompt(family, msgs)
-        return text[len(family.bos_token):] if family.turns.bos_in_template else text
+    def encode(pieces):
+        ids = []
+        for piece in pieces:
+            ids += [r.control_id(piece.text)] if piece.control else r.text_ids(piece.text)
+        return ids
 
     bos = [r.llm.token_bos()] if r.adds_bos else []
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(MESSAGES)
     def check(conversation):
-        results = {}
-        for name, render in (("jinja", jinja), ("ollama", ollama), ("lmstudio", lmstudio)):
-            pieces = prompt_pieces(render, conversation, r.specials)
-            results[name] = (pieces, bos + encode_pieces(pieces, r.text_ids, r.control_id))
-        assert results["ollama"][1] == results["jinja"][1]
-        assert results["lmstudio"][1] == results["jinja"][1]
+        # The project's own path on the GGUF's own template: what chat, verify and serve send to the model.
+        pieces = r.prompt.pieces(conversation)
+        ids = r.prompt.ids(conversation)
+        # Ollama and LM Studio render without the BOS text (their runtimes add the BOS token).
+        for render in (ollama, lmstudio):
+            assert bos + encode(split_pieces(render, conversation, r.specials)) == ids
         # Control tokens come from the template alone: the same ones as for harmless text, nothing more.
         benign = [dict(m, content="x") for m in conversation]
-        expected_controls = [p.text for p in prompt_pieces(jinja, benign, r.specials) if p.control]
-        pieces, ids = results["jinja"]
+        expected_controls = [p.text for p in r.prompt.pieces(benign) if p.control]
         assert [p.text for p in pieces if p.control] == expected_controls
-        control_ids = {r.control_id(s) for s in r.specials}
-        assert sum(1 for i in ids[len(bos):] if i in control_ids) == len(expected_controls)
+        control_ids = set(r.prompt.control_tokens.values())
+        assert sum(1 for i in ids if i in control_ids) == len(expected_controls)
         # Plain text (no look-alikes): the safe encoding is what HF's apply_chat_template gives.
         if not any(s in m["content"] for m in conversation for s in r.specials):
             hf = r.hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)["input_ids"]

@@ -40,7 +40,7 @@ def current_preset(family: ChatFamily, model_name: str, num_ctx: int) -> dict:
                 {"key": "llm.prediction.temperature", "value": s.temperature},
                 {"key": "llm.prediction.topPSampling", "value": {"checked": True, "value": s.top_p}},
                 {"key": "llm.prediction.repeatPenalty", "value": {"checked": True, "value": s.repeat_penalty}},
-                {"key": "llm.prediction.maxPredictedTokens", "value": {"checked": True, "value": s.num_predict}},
+                {"key": "llm.prediction.maxPredictedTokens", "value": {"checked": True, "value": s.max_tokens}},
                 {"key": "llm.prediction.stopStrings", "value": list(family.stop_tokens)},
                 {"key": "llm.prediction.promptTemplate", "value": template},
             ]
@@ -58,7 +58,7 @@ def legacy_preset(family: ChatFamily, model_name: str, num_ctx: int) -> dict:
         "temp": s.temperature,
         "top_p": s.top_p,
         "repeat_penalty": s.repeat_penalty,
-        "n_predict": s.num_predict,
+        "n_predict": s.max_tokens,
     }
     t = family.turns
     if t is not None:

@@ -60,7 +60,7 @@ def modelfile_text(gguf_name: str, family: ChatFamily, num_ctx: int) -> str:
         f"PARAMETER temperature {_number(s.temperature)}",
         f"PARAMETER top_p {_number(s.top_p)}",
         f"PARAMETER repeat_penalty {_number(s.repeat_penalty)}",
-        f"PARAMETER num_predict {s.num_predict}",
+        f"PARAMETER num_predict {s.max_tokens}",
         f"PARAMETER num_ctx {int(num_ctx)}",
     ]
     return "\n".join(lines) + "\n"

