@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
 from l3zh_local import hfmodel  # noqa: E402
 from l3zh_local.convert import convert_to_gguf  # noqa: E402
 from l3zh_local.quantize import get_quant_type, quantize  # noqa: E402
-from l3zh_local.verify import PUBLISHED_LLAMA3_8B, default_threshold, verify_gguf  # noqa: E402
+from l3zh_local.verify import default_threshold, verify_gguf  # noqa: E402
+from l3zh_local.verify.thresholds import PUBLISHED_LLAMA3_8B  # noqa: E402
 
 DEFAULT_TYPES = "q8_0,q6_k,q5_k_m,q5_k_s,q4_k_m,q4_k_s,q4_0,iq4_nl,q3_k_l,q3_k_m,q2_k"
 IMATRIX_TYPES = ("q4_k_m", "q2_k")
@@ -39,7 +40,7 @@ def model_dirs(names: list[str]) -> dict[str, Path]:
 
             dirs["demo (SmolLM2-135M)"] = demo_model_dir()
         elif name == "tiny":
-            from l3zh_local.fixtures import tiny_llama3
+            from support.fixtures import tiny_llama3
 
             dirs["tiny Llama-3 (random)"] = tiny_llama3()
         else:

@@ -12,8 +12,9 @@ import pytest
 from l3zh_local import hfmodel
 from l3zh_local.convert import TokenizerOverrides, convert_to_gguf
 from l3zh_local.errors import InputError
-from l3zh_local.fixtures import LLAMA3_INSTRUCT_TEMPLATE
-from l3zh_local.verify import FAIL, PASS, UNTRAINED_KLD_FACTOR, QualityThreshold, default_threshold, verify_gguf
+from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
+from l3zh_local.verify import FAIL, PASS, WARN, QualityThreshold, default_threshold, verify_gguf
+from l3zh_local.verify.thresholds import UNTRAINED_KLD_FACTOR
 
 EOT = "<|eot_id|>"
 CHATML = (
@@ -47,7 +48,7 @@ def convert(model_dir: Path, out: Path, **overrides) -> Path:
 
 
 def verify(gguf, ref, **kwargs):
-    kwargs.setdefault("expected_template", LLAMA3_INSTRUCT_TEMPLATE)
+    kwargs.setdefault("expected_template", META_LLAMA3_TEMPLATE)
     kwargs.setdefault("expected_eos", EOT)
     kwargs.setdefault("max_eval_tokens", 300)  # one context of each language: enough to see damage, quick
     return verify_gguf(gguf, ref=ref, **kwargs)
@@ -112,7 +113,7 @@ def chatml_gguf(tiny_llama3_dir, tmp_path_factory):
 
 def test_swapped_template_fails_template_check(chatml_gguf, tiny_llama3_dir):
     check = only_failure(verify(chatml_gguf, tiny_llama3_dir, checks=STATIC), "template")
-    assert "differs from the expected template at token 0" in check.message
+    assert "differs from the given template at token 0" in check.message
 
 
 def test_verify_command_exit_status(chatml_gguf, tiny_llama3_gguf, tiny_llama3_dir):
@@ -203,7 +204,7 @@ def test_bad_arguments_are_input_errors(tiny_llama3_gguf, tmp_path):
 
 
 def test_hf_reference_too_big_for_memory_points_to_the_gguf(tiny_llama3_gguf, tiny_llama3_dir, monkeypatch):
-    from l3zh_local import verify as verify_module
+    from l3zh_local.verify import checks as verify_module
 
     monkeypatch.setattr(verify_module, "_available_memory", lambda: 100 * 2**20)  # 100 MiB free
     with pytest.raises(InputError, match="pass its 16-bit GGUF as --ref"):
@@ -254,8 +255,33 @@ def rewrite_gguf(src: Path, dst: Path, changes: dict) -> Path:
 
 def test_native_abort_is_a_failed_check_naming_the_signal(tiny_q8, tmp_path):
     # A byte-level BPE vocabulary declared as SentencePiece ("llama"): llama.cpp looks for <0x..> byte tokens
-    # that are not there and aborts the process (std::out_of_range, SIGABRT), as FACTS.md's broken vocabulary did.
+    # that are not there and aborts the process (std::out_of_range, SIGABRT).
     broken = rewrite_gguf(tiny_q8, tmp_path / "spm.gguf", {"tokenizer.ggml.model": "llama"})
     report = verify_gguf(broken, checks=("tokenizer", "template", "eos", "stop"))
     assert {c.name for c in report.failures()} == {"tokenizer", "template", "eos", "stop"}
     assert "SIGABRT" in report.check("tokenizer").message
+
+
+# -- what is expected comes from the reference when nothing else is given ---------------------------------------
+
+CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_reference_gives_the_expected_template_and_eos(tiny_q8, tiny_llama3_dir, tiny_llama3_gguf, tmp_path):
+    # The good export carries the reference's own template (Meta's): it passes against the HF folder alone.
+    good = verify_gguf(tiny_q8, ref=tiny_llama3_dir, checks=STATIC)
+    assert good.passed and good.check("template").status == PASS, good.table()
+    assert "family llama3" in good.check("template").message
+    # The template replaced after conversion: caught with an HF reference and with a 16-bit GGUF reference.
+    swapped = rewrite_gguf(tiny_q8, tmp_path / "swapped.gguf", {"tokenizer.chat_template": CONTENT_ONLY})
+    for ref in (tiny_llama3_dir, tiny_llama3_gguf):
+        check = only_failure(verify_gguf(swapped, ref=ref, checks=STATIC), "template")
+        assert "differs from the reference" in check.message
+    # With nothing to compare against, the table says so as a warning, not as a plain pass.
+    alone = verify_gguf(swapped, checks=("template",))
+    assert alone.check("template").status == WARN and "WARN" in alone.table()
+    # The EOS set to <|end_of_text|> where the reference ends turns with <|eot_id|>: caught the same way.
+    wrong_eos = rewrite_gguf(tiny_q8, tmp_path / "eos.gguf", {"tokenizer.ggml.eos_token_id": 128001})
+    for ref in (tiny_llama3_dir, tiny_llama3_gguf):
+        report = verify_gguf(wrong_eos, ref=ref, checks=("eos",))
+        assert report.check("eos").status == FAIL and "EOS is 128001" in report.check("eos").message
