@@ -11,8 +11,12 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
+from .chat import DEFAULT_CTX
 from .errors import L3zhError
+from .templates import Sampling
+
+_SAMPLING = Sampling()  # shown in --help; the values used come from the GGUF's chat family
 
 
 class _Group(click.Group):
@@ -81,17 +85,13 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
     prefix it with modelscope: to fetch from ModelScope.
     """
-    from .export import ExportOptions, run_export
-    from .quantize import parse_quant_list
+    from .export import export as run
 
-    imatrix_mode = "auto" if use_imatrix is None else ("on" if use_imatrix else "off")
-    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=use_imatrix is not False),
-                         outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
-                         llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
-                         calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx,
-                         adapter=adapter, verify=not skip_verify)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    result = run_export(opts, log=log)
+    result = run(model, quants=quants, out=out, adapter=adapter, template=template, template_file=template_file,
+                 imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, name=name,
+                 revision=revision, threads=threads, verify=not skip_verify, force=force, allow_pickle=allow_pickle,
+                 llama_cpp=llama_cpp, log=log)
     if as_json:
         _emit_json(result.manifest.data)
     else:
@@ -206,9 +206,9 @@ def quantize_cmd(gguf, quants, out, threads, force):
 @main.command("quants")
 def quants_cmd():
     """List the quant types, smallest loss first."""
-    from .quantize import QUANT_TYPES
+    from .quantize import quant_types
 
-    for q in QUANT_TYPES.values():
+    for q in quant_types():
         flag = "  (needs an importance matrix: refused)" if q.needs_imatrix else ""
         click.echo(f"{q.name:<8} ~{q.bits_per_weight:5.2f} bits/weight  {q.note}{flag}")
 
@@ -310,17 +310,17 @@ def templates(ctx):
 @click.option("--jinja", "show_jinja", is_flag=True, help="Also print the Jinja chat template.")
 def templates_show(name, show_ollama, show_jinja):
     """Render family NAME for a sample chat (the prompt text the model sees, BOS included where it belongs)."""
-    from .templates import get_family, render_prompt
+    from .templates import get_family
 
     family = get_family(name)
     click.echo(f"{family.name}: {family.description}")
     click.echo(f"EOS {family.eos_token}; stops {', '.join(family.stop_tokens)}; default system: "
                f"{family.default_system!r}")
     s = family.sampling
-    click.echo(f"sampling: temperature {s.temperature}, top_p {s.top_p}, repeat_penalty {s.repeat_penalty}, "
-               f"num_predict {s.num_predict}")
+    click.echo(f"sampling: temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, "
+               f"repeat_penalty {s.repeat_penalty}, max_tokens {s.max_tokens}")
     click.echo("\n--- prompt for a sample chat ---")
-    click.echo(render_prompt(family, SAMPLE_CHAT))
+    click.echo(family.render(SAMPLE_CHAT))
     if show_jinja:
         click.echo("--- Jinja (GGUF tokenizer.chat_template) ---")
         click.echo(family.jinja)
@@ -397,29 +397,37 @@ def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "question", help="Answer this one question and exit.")
 @click.option("--system", help="System prompt (default: the chat family's, if it has one; '' for none).")
-@click.option("--temperature", type=float, default=0.6, show_default=True)
-@click.option("--top-p", type=float, default=0.9, show_default=True)
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--repeat-penalty", type=float, default=1.1, show_default=True)
-@click.option("--max-tokens", type=int, default=500, show_default=True, help="Most new tokens per reply.")
-@click.option("--ctx", type=int, default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--temperature", type=float, help=f"Default: the chat family's ({_SAMPLING.temperature}).")
+@click.option("--top-p", type=float, help=f"Default: the chat family's ({_SAMPLING.top_p}).")
+@click.option("--top-k", type=int, help=f"Default: the chat family's ({_SAMPLING.top_k}).")
+@click.option("--repeat-penalty", type=float, help=f"Default: the chat family's ({_SAMPLING.repeat_penalty}).")
+@click.option("--max-tokens", type=int, help=f"Most new tokens per reply (default: the family's, "
+                                             f"{_SAMPLING.max_tokens}).")
+@click.option("--ctx", type=int, default=DEFAULT_CTX, show_default=True, help="Context size in tokens.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed after each reply.")
 def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, max_tokens, ctx, threads,
              gpu_layers, seed, stats):
-    """Chat with GGUF in the terminal (/reset, /system TEXT, /exit), or answer one question with -p."""
-    from .chat import Sampling, one_shot, run_chat
+    """Chat with GGUF in the terminal (/reset, /system TEXT, /exit), or answer one question with -p.
 
-    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty,
-                        max_new_tokens=max_tokens)
-    common = dict(system=system, sampling=sampling, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    Sampling defaults come from the chat family of the GGUF's template (the seed project's values).
+    """
+    from .chat import ChatSession, gguf_family, run_terminal_chat, sampling_for
+
+    session = ChatSession.open(gguf, system=system, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    session.sampling = sampling_for(gguf_family(session.llm), temperature=temperature, top_p=top_p, top_k=top_k,
+                                    repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     if question is not None:
-        one_shot(gguf, question, stream=sys.stdout, **common)
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        session.reply(question, write)
         click.echo()
     else:
-        run_chat(gguf, stats=stats, **common)
+        run_terminal_chat(session, title=gguf.name, stats=stats)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +75,54 @@ def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | 
     return stem or "model"
 
 
+def export(
+    model: str | Path | None = None,
+    *,
+    quants: Sequence[str] | str = ("q4_k_m",),
+    out: str | Path = "dist",
+    adapter: str | Path | None = None,
+    template: str | None = None,
+    template_file: str | Path | None = None,
+    imatrix: bool | None = None,
+    calibration: str | Path | None = None,
+    outtype: str = "auto",
+    num_ctx: int | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    threads: int = 0,
+    verify: bool = True,
+    force: bool = False,
+    allow_pickle: bool = False,
+    llama_cpp: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Export `model` to GGUF quants with their deploy files, verified, recorded in `out`/manifest.json.
+
+    model: a local HF folder, a Hugging Face id (HF_ENDPOINT applies), ``modelscope:<id>``, or None for the
+    embedded demo model. quants: quant types (see `quant_types()`), a sequence or "q4_k_m,q8_0". adapter: a PEFT
+    LoRA adapter merged into the model first. template / template_file: the chat family or a custom Jinja
+    template (default: detected). imatrix: None for the default, False to quantize without an importance matrix.
+    verify: check every GGUF against its reference (`ExportResult.failed_verification` lists those that failed).
+    force: redo every step and overwrite outputs. Everything else as the CLI's ``l3zh-local export --help``.
+    """
+    from .quantize import parse_quant_list
+
+    spec = quants if isinstance(quants, str) else ",".join(quants)
+    opts = ExportOptions(
+        source=str(model) if model is not None else None, out=Path(out),
+        quants=parse_quant_list(spec, have_imatrix=imatrix is not False),
+        outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
+        llama_cpp=Path(llama_cpp) if llama_cpp else None, threads=threads, name=name,
+        imatrix="auto" if imatrix is None else ("on" if imatrix else "off"),
+        calibration=Path(calibration) if calibration else None, template=template,
+        template_file=Path(template_file) if template_file else None, num_ctx=num_ctx,
+        adapter=str(adapter) if adapter else None, verify=verify,
+    )
+    return run_export(opts, log=log)
+
+
 def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
+    """The pipeline on already-validated options (`export` builds them from plain arguments)."""
     source = sources.resolve(opts.source, revision=opts.revision, allow_pickle=opts.allow_pickle)
     if source.is_demo:
         log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
@@ -232,10 +279,7 @@ def choose_family(opts: ExportOptions, info: hfmodel.ModelInfo, recipe: recipes.
 
 def _recipe_for(source: sources.ModelSource) -> recipes.Recipe | None:
     names = [source.ref, source.path.name] + (["smollm2-135m-instruct"] if source.is_demo else [])
-    try:
-        return next((r for r in map(recipes.find_recipe, names) if r is not None), None)
-    except InputError:  # no convert/ folder next to this installation: recipes are optional
-        return None
+    return next((r for r in map(recipes.find_recipe, names) if r is not None), None)
 
 
 # Types whose rounding does not use an importance matrix.

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .files import sha256_file, write_text_atomic
 
 MANIFEST_NAME = "manifest.json"

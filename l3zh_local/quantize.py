@@ -60,6 +60,11 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _LADDER}
 SIXTEEN_BIT = ("f16", "bf16")
 
 
+def quant_types() -> list[QuantType]:
+    """Every quant type, from the least loss to the most (`needs_imatrix` marks the importance-matrix-only ones)."""
+    return list(_LADDER)
+
+
 def get_quant_type(name: str, *, have_imatrix: bool = False) -> QuantType:
     key = name.strip().lower()
     qtype = QUANT_TYPES.get(key)
