@@ -8,7 +8,7 @@ clock of the child, imports included. A floor row shows what merely importing to
     python3 benchmarks/merge_memory.py                 # ~4 min on 2 cores
     python3 benchmarks/merge_memory.py --layers 4      # quicker, smaller model
 
-Target (issue 3): peak RSS of the merge <= 1.5 x (largest shard + adapter), and no slower than PEFT.
+Target: peak RSS of the merge <= 1.5 x (largest shard + adapter), and no slower than PEFT.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from l3zh_local import settings  # noqa: E402
 from l3zh_local.files import human_size  # noqa: E402
-from l3zh_local.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter  # noqa: E402
+from support.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter  # noqa: E402
 
 PEFT_CHILD = """
 import sys, torch

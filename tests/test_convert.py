@@ -35,7 +35,7 @@ def test_vocab_reproduces_llama_cpp_test_vectors(tiny_llama3_gguf, tools):
     inp_path, out_path = tools.vocab_test_vectors
     inputs = inp_path.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
     expected = out_path.read_text(encoding="utf-8").splitlines()
-    # 46 vectors in the pinned llama.cpp (FACTS.md says 47; counted here: 46 inputs, 46 output lines).
+    # 46 vectors in the pinned llama.cpp (46 inputs, 46 output lines).
     assert len(inputs) == len(expected) == 46
     llm = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False)
     for text, ids in zip(inputs, expected):

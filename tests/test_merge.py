@@ -17,8 +17,8 @@ from l3zh_local import hfmodel
 from l3zh_local.cli import main
 from l3zh_local.errors import InputError, OutputExists
 from l3zh_local.files import sha256_file
-from l3zh_local.fixtures import build_llama3_tokenizer
-from l3zh_local.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter
+from support.fixtures import build_llama3_tokenizer
+from support.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter
 from l3zh_local.merge import merge_lora, pattern_key
 
 CHINESE_CHAT = [

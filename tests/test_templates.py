@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from l3zh_local import fixtures
+
 from l3zh_local.cli import main
 from l3zh_local.deploy import deploy_paths, modelfile_text, ollama_create, read_modelfile, write_deploy_files
 from l3zh_local.deploy.ollama import parse_modelfile
 from l3zh_local.errors import InputError
 from l3zh_local.recipes import all_recipes, load_recipe, regenerate_modelfiles
+from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
 from l3zh_local.templates import (
-    detect_family, family_from_file, get_family, list_families, normalise_template, render_prompt, template_hash,
+    detect_family, family_from_file, get_family, list_families, normalise_template, template_hash,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ def test_meta_llama31_templates_from_the_pinned_tree_are_llama31(tools, file_nam
 
 
 def test_meta_llama3_and_smollm2_templates_are_recognised():
-    assert detect_family(fixtures.LLAMA3_INSTRUCT_TEMPLATE).name == "llama3"
+    assert detect_family(META_LLAMA3_TEMPLATE).name == "llama3"
     assert detect_family(smollm2_gguf_template()).name == "chatml"
 
 
@@ -77,7 +78,7 @@ def test_normalise_ignores_only_whitespace():
 
 def test_llama31_date_is_fixed_and_meta_compatible(tools):
     """Our 3.1 rendering equals Meta's own template (default date) wherever Meta's does not trim or merge."""
-    from l3zh_local.templates import render_jinja
+    from l3zh_local.prompt import render as render_jinja
 
     meta = (tools.root / "models" / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
     ours = get_family("llama3.1")
@@ -86,7 +87,7 @@ def test_llama31_date_is_fixed_and_meta_compatible(tools):
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "你好"}],
     ):
-        assert render_prompt(ours, conversation) == render_jinja(
+        assert ours.render(conversation) == render_jinja(
             meta, conversation, bos_token=ours.bos_token, eos_token=ours.eos_token)
 
 
@@ -99,12 +100,12 @@ def test_seed_formats_render_as_the_seed_builds_them():
     seed_assistant = "<|start_header_id|>assistant<|end_header_id|>\n\n{content}<|end_of_text|>\n"
     expected = (seed_system.format(content="S") + seed_user.format(content="Q1") + seed_assistant.format(content="A1")
                 + seed_user.format(content="Q2") + "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert render_prompt(get_family("shareai-base-sft"), chat) == expected
+    assert get_family("shareai-base-sft").render(chat) == expected
 
 
 def test_unsupported_role_is_refused():
     with pytest.raises(ValueError, match="unsupported role tool"):
-        render_prompt(get_family("llama3"), [{"role": "tool", "content": "x"}])
+        get_family("llama3").render([{"role": "tool", "content": "x"}])
 
 
 # ----- custom template files -----

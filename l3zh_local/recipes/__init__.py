@@ -1,4 +1,4 @@
-"""Recipes: what l3zh-local knows about each model of the seed (data in `convert/*.toml`).
+"""Recipes: what l3zh-local knows about each model of the seed (data: the `*.toml` files beside this module).
 
 A recipe names the model's hub and ModelScope ids, its chat family, its default system prompt if it differs from
 the family's, its context length, and the GGUF files its authors published. `regenerate_modelfiles` writes the
@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
+from ..templates import ChatFamily, get_family, with_default_system
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
-from .templates import ChatFamily, get_family, with_default_system
 
 RECIPES_ENV = "L3ZH_RECIPES"
 
@@ -49,9 +49,9 @@ class Recipe:
 
 
 def recipes_dir() -> Path:
-    """`convert/` of the source tree, or the folder in $L3ZH_RECIPES."""
+    """The recipes installed with the package (this module's folder), or the folder in $L3ZH_RECIPES."""
     env = os.environ.get(RECIPES_ENV)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "convert"
+    return Path(env) if env else Path(__file__).resolve().parent
 
 
 _KEYS = {"name", "description", "hub_id", "modelscope_id", "family", "default_system", "context_length", "num_ctx",
@@ -79,7 +79,7 @@ def _read(path: Path) -> Recipe:
 def all_recipes() -> list[Recipe]:
     folder = recipes_dir()
     if not folder.is_dir():
-        raise InputError(f"no recipes folder at {folder}: set {RECIPES_ENV} to the convert/ folder of l3zh-local")
+        raise InputError(f"no recipes folder at {folder}: set {RECIPES_ENV} to a folder of recipe *.toml files")
     return [_read(p) for p in sorted(folder.glob("*.toml"))]
 
 
@@ -104,8 +104,8 @@ def load_recipe(name_or_hub_id: str) -> Recipe:
 def regenerate_modelfiles(out: Path = Path("modelfiles")) -> list[Path]:
     """Write the Modelfile and both LM Studio presets of every published GGUF of every recipe into `out`;
     remove deployment files there that no recipe produces any more. Return the files written."""
-    from .deploy import write_deploy_files
-    from .files import ensure_writable_dir
+    from ..deploy import write_deploy_files
+    from ..files import ensure_writable_dir
 
     out = ensure_writable_dir(Path(out))
     written: list[Path] = []

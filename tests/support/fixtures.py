@@ -12,17 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import settings
-from .errors import InputError
-
-# Meta's own Llama-3 instruct template (as published with Meta-Llama-3-8B-Instruct).
-LLAMA3_INSTRUCT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
-    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
+from l3zh_local import settings
+from l3zh_local.errors import InputError
+from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
 
 TINY_LLAMA3_VERSION = "v1"
 BOS, EOS_TEXT, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
@@ -39,7 +31,7 @@ def llama3_tokenizer_model() -> Path:
     return path
 
 
-def build_llama3_tokenizer(chat_template: str = LLAMA3_INSTRUCT_TEMPLATE, eos_token: str = EOT):
+def build_llama3_tokenizer(chat_template: str = META_LLAMA3_TEMPLATE, eos_token: str = EOT):
     """Meta's Llama-3 tokenizer as an HF fast tokenizer that prepends <|begin_of_text|> like the original."""
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
     from tokenizers import processors
