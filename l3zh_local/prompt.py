@@ -95,10 +95,14 @@ def split_pieces(render_fn: Callable[[list[dict]], str], messages: Sequence[Mess
     special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
     for transform in (lambda text: text, str.strip):
         contents = [transform(m["content"]) for m in messages]
-        if _PLACEHOLDER.sub(lambda match: contents[int(match.group(1))], marked) == real:
+        if _fill(marked, contents) == real:
             return _pieces(marked, contents, special_re)
     raise InputError("the chat template changes message text (beyond trimming it); l3zh-local cannot keep message "
                      "text apart from control tokens with it: use a family template (--template)")
+
+
+def _fill(marked: str, contents: list[str]) -> str:
+    return _PLACEHOLDER.sub(lambda match: contents[int(match.group(1))], marked)
 
 
 def _pieces(marked: str, contents: list[str], special_re: re.Pattern | None) -> list[Piece]:

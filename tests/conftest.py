@@ -1,12 +1,26 @@
-"""Session fixtures: real models built offline once, converted by the real llama.cpp converter."""
+"""Session fixtures: real models built offline once, converted by the real llama.cpp converter.
+
+Tests come in two lanes: the fast one (pure functions: parsing, detection, thresholds, file names; under a
+minute) and the slow one (`-m slow`: models built, converted, quantized, loaded). A test that uses a model fixture
+is in the slow lane by itself; a module that builds its own models says `pytestmark = pytest.mark.slow`.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from l3zh_local import hfmodel, toolchain
-from support import fixtures
 from l3zh_local.convert import convert_to_gguf
+from support import fixtures
+
+# Every fixture that builds or converts a model depends on one of these.
+MODEL_FIXTURES = {"tools", "tiny_llama3_dir"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

