@@ -43,7 +43,7 @@ class _Cursor:
 
     def value(self, vtype: int):
         if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
+            return self.unpack(_SCALARS[GGUFValueType(vtype)])
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
@@ -51,7 +51,7 @@ class _Cursor:
             if count <= _SHORT_ARRAY:
                 return [self.value(item_type) for _ in range(count)]
             if item_type in _SCALARS:
-                self.fh.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
+                self.fh.seek(struct.calcsize(_SCALARS[GGUFValueType(item_type)]) * count, 1)
             elif item_type == GGUFValueType.STRING:
                 for _ in range(count):
                     self.skip_string()

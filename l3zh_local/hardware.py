@@ -1,4 +1,5 @@
-"""What the machine offers: physical cores (decode speed is bound by memory bandwidth, which hyper-threads share)."""
+"""What the machine offers: physical cores (decode speed is bound by memory bandwidth, which hyper-threads share)
+and free memory."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process (Linux MemAvailable), or None where not knowable."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

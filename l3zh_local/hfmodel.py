@@ -113,7 +113,7 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelInfo:
             n_params += numel
             dtype_count[t["dtype"]] = dtype_count.get(t["dtype"], 0) + numel
     floats = {k: v for k, v in dtype_count.items() if k in ("BF16", "F16", "F32")}
-    weight_dtype = max(floats, key=floats.get) if floats else str(config.get("torch_dtype") or config.get("dtype") or "F16").upper()
+    weight_dtype = max(floats, key=lambda k: floats[k]) if floats else str(config.get("torch_dtype") or config.get("dtype") or "F16").upper()
     weight_dtype = {"BFLOAT16": "BF16", "FLOAT16": "F16", "FLOAT32": "F32"}.get(weight_dtype, weight_dtype)
     return ModelInfo(
         path=path, config=config, architecture=arch,

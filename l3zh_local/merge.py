@@ -389,6 +389,7 @@ def check_adapter_fits(info: ModelInfo, adapter: LoraAdapter, *, base_given: str
     for target, pair in adapter.pairs.items():
         _check_pair_shapes(pair, adapter, base[target]["shape"], base[target]["dtype"], vocab)
     for bias, pair in adapter.biases.items():
+        assert pair.bias_key is not None  # `biases` holds only pairs with a lora_B.bias
         if adapter.tensors[pair.bias_key]["shape"] != base[bias]["shape"]:
             raise InputError(f"the adapter's LoRA bias for {pair.module} does not match the base bias shape")
     for target, name in adapter.replacements.items():
@@ -587,6 +588,7 @@ def _merged_bytes(name: str, base: _TensorFile, adapter: LoraAdapter, adapter_fi
 
     dtype = getattr(torch, _TORCH_DTYPES[base.tensors[name]["dtype"]])
     if pair is None and bias_pair is None:  # only a saved full tensor (modules_to_save): cast it, no float32 copy
+        assert replacement is not None
         merged = adapter_file.get(replacement).to(dtype)
         return merged.contiguous().view(torch.uint8).reshape(-1).numpy(), 0
     # A saved full tensor (the embedding PEFT saves beside its LoRA) first; then the low-rank update on top.
@@ -598,7 +600,7 @@ def _merged_bytes(name: str, base: _TensorFile, adapter: LoraAdapter, adapter_fi
             work.addmm_(a.T, b.T, alpha=pair.scale)
         else:
             work.addmm_(b, a, alpha=pair.scale)
-    if bias_pair is not None:
+    if bias_pair is not None and bias_pair.bias_key is not None:
         work.add_(adapter_file.get(bias_pair.bias_key).to(torch.float32), alpha=bias_pair.scale)
     if not torch.isfinite(work).all():
         raise InputError(f"merging gives NaN or infinite values in {name}; the adapter is broken")

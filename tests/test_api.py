@@ -75,7 +75,7 @@ def test_readme_example_runs_as_written(tmp_path):
     lines = proc.stdout.splitlines()
     assert "chatml smollm2-135m-instruct.q4_k_m.gguf []" in lines
     assert any(line.startswith("Sampling(temperature=0.6") for line in lines)
-    assert any("Paris" in line for line in lines), proc.stdout
+    assert "The capital of France is Paris." in lines, proc.stdout
     assert "no-such-folder" in lines[-1]
     assert (tmp_path / "dist" / "manifest.json").is_file()
 

@@ -206,9 +206,9 @@ def test_bad_arguments_are_input_errors(tiny_llama3_gguf, tmp_path):
 
 
 def test_hf_reference_too_big_for_memory_points_to_the_gguf(tiny_llama3_gguf, tiny_llama3_dir, monkeypatch):
-    from l3zh_local.verify import checks as verify_module
+    from l3zh_local.verify import checks
 
-    monkeypatch.setattr(verify_module, "_available_memory", lambda: 100 * 2**20)  # 100 MiB free
+    monkeypatch.setattr(checks, "available_memory", lambda: 100 * 2**20)  # 100 MiB free
     with pytest.raises(InputError, match="pass its 16-bit GGUF as --ref"):
         verify_gguf(tiny_llama3_gguf, ref=tiny_llama3_dir, checks=("quality",))
 

@@ -168,6 +168,7 @@ def read_modelfile(text: str) -> Modelfile:
                 raise InputError(f"Modelfile PARAMETER {name} must be a number, not {value!r}") from None
         else:
             params[name] = value
+    assert from_ is not None  # parse_modelfile refuses a Modelfile without FROM
     return Modelfile(from_=from_, template=template, system=system, parameters=params)
 
 

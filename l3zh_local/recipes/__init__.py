@@ -8,15 +8,16 @@ deployment files of those published GGUFs into `modelfiles/`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..templates import ChatFamily, get_family, with_default_system
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 RECIPES_ENV = "L3ZH_RECIPES"

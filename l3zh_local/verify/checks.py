@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import evaltext
 from ..errors import InputError
-from ..hardware import physical_cores
+from ..hardware import available_memory, physical_cores
 from .report import FAIL, PASS, SKIP, WARN, CheckResult, VerifyReport
 from .thresholds import SIXTEEN_BIT, UNTRAINED_KLD_FACTOR, UNTRAINED_PPL, QualityThreshold, default_threshold
 
@@ -310,11 +310,21 @@ def _quality_check(gguf, ref, quant_type, thresholds, n_ctx, max_eval_tokens, th
         thresholds = default_threshold(quant_type)
     if ref.suffix != ".gguf":
         _check_fp32_fits(ref)
-    args = {
-        "gguf": str(gguf), "ref": str(ref), "texts": {lang: evaltext.heldout_text(lang) for lang in evaltext.LANGUAGES},
-        "n_ctx": n_ctx, "max_tokens": max_eval_tokens, "threads": threads,
-    }
-    result, crash = _isolated("quality_probe", args, timeout_s)
+    texts = {lang: evaltext.heldout_text(lang) for lang in evaltext.LANGUAGES}
+    # The reference runs first and alone; its log-probabilities wait on disk beside the GGUF (positions x
+    # vocabulary x 4 bytes: ~1 GB for 2 x 1024 tokens of Llama-3) while the GGUF runs in a second process.
+    folder = Path(gguf).parent if os.access(Path(gguf).parent, os.W_OK) else Path(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=".l3zh-verify-", dir=folder) as tmp:
+        logprobs = str(Path(tmp) / "reference.logprobs.f32")
+        base, crash = _isolated("reference_probe", {
+            "gguf": str(gguf), "ref": str(ref), "texts": texts, "n_ctx": n_ctx, "max_tokens": max_eval_tokens,
+            "threads": threads, "logprobs_path": logprobs}, timeout_s)
+        if crash:
+            return CheckResult("quality", FAIL, f"the reference could not be evaluated: {crash}",
+                               {"thresholds": thresholds.to_dict()})
+        result, crash = _isolated("quality_probe", {
+            "gguf": str(gguf), "chunks": base["chunks"], "vocab_size": base["vocab_size"], "logprobs_path": logprobs,
+            "n_ctx": n_ctx, "threads": threads}, timeout_s)
     if crash:
         return CheckResult("quality", FAIL, f"evaluation failed: {crash}", {"thresholds": thresholds.to_dict()})
     problems, notes = [], []
@@ -351,21 +361,10 @@ def _check_fp32_fits(ref: Path) -> None:
     from ..hfmodel import inspect_model
 
     need = inspect_model(ref).n_params * 4
-    free = _available_memory()
+    free = available_memory()
     if free is not None and need > free:
         raise InputError(f"the HF reference needs about {need / 2**30:.1f} GiB in fp32 but {free / 2**30:.1f} GiB "
                          "is free: pass its 16-bit GGUF as --ref instead")
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new process (Linux MemAvailable), or None where not knowable."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _stop_check(gguf, stop_mode, stop_ids, max_new_tokens, untrained, threads, timeout_s) -> CheckResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from .thresholds import UNTRAINED_PPL
 def main(request_path: str) -> None:
     """Entry point of the child process: run the probe named in the request file, write the answer file."""
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
-    probes = {"tokenize_probe": tokenize_probe, "quality_probe": quality_probe, "stop_probe": stop_probe}
+    probes: dict[str, Callable[..., Any]] = {
+        "tokenize_probe": tokenize_probe, "reference_probe": reference_probe, "quality_probe": quality_probe,
+        "stop_probe": stop_probe,
+    }
     try:
         payload = {"result": probes[request["probe"]](**request["args"])}
     except Exception as err:  # noqa: BLE001 - reported to the parent as the check's failure
@@ -75,21 +79,20 @@ def tokenize_probe(gguf: str, texts: list[str], chats: list, expected_templates:
     template = out["chat_template"]
     if not template or not chats:
         return out
-    render = {"bos_token": bos_text, "eos_token": eos_text}
     try:
         for chat in chats:
-            rendered = prompt.render(template, chat, **render)
+            rendered = prompt.render(template, chat, bos_token=bos_text, eos_token=eos_text)
             ids = tok(rendered, True)
-            entry = {"rendered": rendered, "ids": ids, "double_bos": ids[:2] == [bos, bos],
-                     "contents_found": _contents_found(rendered, chat)}
-            entry["expected"] = []
-            for expected in expected_templates:
-                text = prompt.render(expected, chat, **render)
-                entry["expected"].append({"rendered": text, "ids": tok(text, True)})
-            out["chats"].append(entry)
+            expected_renderings = [prompt.render(t, chat, bos_token=bos_text, eos_token=eos_text)
+                                   for t in expected_templates]
+            out["chats"].append({
+                "rendered": rendered, "ids": ids, "double_bos": ids[:2] == [bos, bos],
+                "contents_found": _contents_found(rendered, chat),
+                "expected": [{"rendered": text, "ids": tok(text, True)} for text in expected_renderings],
+            })
         closing = prompt.render(
             template, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
-            add_generation_prompt=False, **render)
+            add_generation_prompt=False, bos_token=bos_text, eos_token=eos_text)
         after = closing.split(_SENTINEL, 1)[1].lstrip(" ") if _SENTINEL in closing else ""
         after_ids = tok(after, True)
         if after_ids and llama_cpp.llama_vocab_get_attr(vocab, after_ids[0]) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
@@ -111,63 +114,96 @@ def _log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def quality_probe(gguf: str, ref: str, texts: dict, n_ctx: int, max_tokens: int, threads: int) -> dict:
-    """(child) KL divergence, same-top share and perplexities of `gguf` against `ref` on each text."""
+def _eval_chunks(gguf: str, texts: dict, n_ctx: int, max_tokens: int) -> dict[str, list[list[int]]]:
+    """The evaluation chunks of each text: BOS + up to n_ctx - 1 tokens of the GGUF's own tokenization."""
+    vocab = _load(gguf, vocab_only=True)
+    bos = vocab.token_bos()
+    chunks: dict[str, list[list[int]]] = {}
+    for lang, text in texts.items():
+        ids = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:max_tokens]
+        chunks[lang] = [[bos, *ids[i:i + n_ctx - 1]] for i in range(0, len(ids), n_ctx - 1)
+                        if len(ids[i:i + n_ctx - 1]) >= 2]
+        if not chunks[lang]:
+            raise ValueError(f"the {lang} text gave no tokens to evaluate")
+    return chunks
+
+
+def _logits_source(model: str, n_ctx: int, threads: int) -> Callable[[list[int]], Any]:
+    """ids -> float32 logits (one row per position) of a GGUF (llama.cpp) or an HF folder (fp32 on CPU)."""
     import numpy as np
 
-    llm = _load(gguf, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads)
-    bos = llm.token_bos()
-    if ref.endswith(".gguf"):
-        ref_llm = _load(ref, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads)
+    if model.endswith(".gguf"):
+        llm = _load(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads)
 
-        def ref_logits(ids):
-            ref_llm.reset()
-            ref_llm.eval(ids)
-            return np.array(ref_llm.scores[: len(ids)], dtype=np.float32)
-    else:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        torch.set_num_threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, use_safetensors=True)
-        model.eval()
-
-        def ref_logits(ids):
-            with torch.inference_mode():
-                return model(torch.tensor([ids])).logits[0].float().numpy()
-
-    results = {}
-    for lang, text in texts.items():
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:max_tokens]
-        kld_sum = same = nll_ref = nll_q = 0.0
-        positions = 0
-        for start in range(0, len(ids), n_ctx - 1):
-            chunk = [bos] + ids[start:start + n_ctx - 1]
-            if len(chunk) < 3:
-                continue
+        def gguf_logits(ids: list[int]):
             llm.reset()
-            llm.eval(chunk)
-            q = np.array(llm.scores[: len(chunk)], dtype=np.float32)
-            p = ref_logits(chunk)
-            if p.shape != q.shape:
-                raise ValueError(f"reference logits {p.shape} vs GGUF {q.shape}: vocabularies differ")
-            # Score the predictions of the chunk's own tokens (the last position predicts past the chunk).
-            for rows in range(0, len(chunk) - 1, 64):
-                sl = slice(rows, min(rows + 64, len(chunk) - 1))
-                lp, lq = _log_softmax(p[sl].astype(np.float64)), _log_softmax(q[sl].astype(np.float64))
-                kld_sum += float((np.exp(lp) * (lp - lq)).sum())
-                same += int((lp.argmax(-1) == lq.argmax(-1)).sum())
-                targets = np.array(chunk[sl.start + 1: sl.stop + 1])
-                nll_ref -= float(lp[np.arange(len(targets)), targets].sum())
-                nll_q -= float(lq[np.arange(len(targets)), targets].sum())
-                positions += len(targets)
-        if positions == 0:
-            raise ValueError(f"the {lang} text gave no tokens to evaluate")
-        ppl_ref, ppl_q = math.exp(nll_ref / positions), math.exp(nll_q / positions)
-        results[lang] = {
-            "positions": positions, "kld_mean": kld_sum / positions, "same_top": same / positions,
-            "ppl_ref": ppl_ref, "ppl_gguf": ppl_q, "ppl_ratio": ppl_q / ppl_ref,
-        }
+            llm.eval(ids)
+            return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+        return gguf_logits
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
+    hf.eval()
+
+    def hf_logits(ids: list[int]):
+        with torch.inference_mode():
+            return hf(torch.tensor([ids])).logits[0].float().numpy()
+
+    return hf_logits
+
+
+def reference_probe(gguf: str, ref: str, texts: dict, n_ctx: int, max_tokens: int, threads: int,
+                    logprobs_path: str) -> dict:
+    """(child, first) Run the reference alone and stream its log-probabilities, row by row, into `logprobs_path`
+    (float32, positions x vocabulary), as llama-perplexity's --kl-divergence-base does; the GGUF is loaded after,
+    by `quality_probe`, so the two models are never in memory together."""
+    import numpy as np
+
+    chunks = _eval_chunks(gguf, texts, n_ctx, max_tokens)
+    logits = _logits_source(ref, n_ctx, threads)
+    with open(logprobs_path, "wb") as out:
+        for lang_chunks in chunks.values():
+            for chunk in lang_chunks:
+                # The last position predicts past the chunk: only the chunk's own next tokens are scored.
+                p = logits(chunk)[: len(chunk) - 1]
+                out.write(_log_softmax(p.astype(np.float64)).astype(np.float32).tobytes())
+                vocab_size = p.shape[1]
+    return {"chunks": chunks, "vocab_size": vocab_size}
+
+
+def quality_probe(gguf: str, chunks: dict, vocab_size: int, logprobs_path: str, n_ctx: int, threads: int) -> dict:
+    """(child, second) KL divergence, same-top share and perplexities of `gguf` against the reference's
+    log-probabilities written by `reference_probe`, per language."""
+    import numpy as np
+
+    logits = _logits_source(gguf, n_ctx, threads)
+    results = {}
+    with open(logprobs_path, "rb") as ref_rows:
+        for lang, lang_chunks in chunks.items():
+            kld_sum = same = nll_ref = nll_q = 0.0
+            positions = 0
+            for chunk in lang_chunks:
+                q = logits(chunk)[: len(chunk) - 1]
+                if q.shape[1] != vocab_size:
+                    raise ValueError(f"reference vocabulary {vocab_size} vs GGUF {q.shape[1]}: they differ")
+                for rows in range(0, len(q), 64):
+                    lq = _log_softmax(q[rows:rows + 64].astype(np.float64))
+                    lp = np.fromfile(ref_rows, dtype=np.float32, count=len(lq) * vocab_size).astype(np.float64)
+                    lp = lp.reshape(len(lq), vocab_size)
+                    kld_sum += float((np.exp(lp) * (lp - lq)).sum())
+                    same += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+                    targets = np.array(chunk[rows + 1: rows + 1 + len(lq)])
+                    nll_ref -= float(lp[np.arange(len(targets)), targets].sum())
+                    nll_q -= float(lq[np.arange(len(targets)), targets].sum())
+                    positions += len(targets)
+            ppl_ref, ppl_q = math.exp(nll_ref / positions), math.exp(nll_q / positions)
+            results[lang] = {
+                "positions": positions, "kld_mean": kld_sum / positions, "same_top": same / positions,
+                "ppl_ref": ppl_ref, "ppl_gguf": ppl_q, "ppl_ratio": ppl_q / ppl_ref,
+            }
     return results
 
 
