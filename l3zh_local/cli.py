@@ -73,13 +73,21 @@ def _emit_json(data) -> None:
               help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
 @click.option("--template", help="Chat template family (see `l3zh-local templates`); default: detected.")
 @click.option("--template-file", type=click.Path(path_type=Path), help="A custom Jinja chat template.")
-@click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for.")
+@click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for (default: --ctx, else the "
+                                          "recipe's, else the model's up to 8192).")
+@click.option("--ctx", "gguf_ctx", type=int,
+              help="Context length the GGUF declares (llama.context_length), e.g. 32768; on a Llama-3.1 model "
+                   "(rope_scaling llama3) only how much of its native 128K the deploy files ask for.")
+@click.option("--rope-theta", type=float,
+              help="RoPE base the GGUF declares (llama.rope.freq_base), e.g. 1000000 with --ctx 32768: the seed's "
+                   "long-context trick, without editing config.json. Refused on models with rope_scaling.")
 @click.option("--ollama", "ollama_name", help="Also register the first quant with `ollama create NAME`.")
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip checking each GGUF against its reference.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
-           calibration, template, template_file, num_ctx, ollama_name, skip_verify, force, as_json):
+           calibration, template, template_file, num_ctx, gguf_ctx, rope_theta, ollama_name, skip_verify, force,
+           as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -89,7 +97,8 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
 
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run(model, quants=quants, out=out, adapter=adapter, template=template, template_file=template_file,
-                 imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, name=name,
+                 imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, ctx=gguf_ctx,
+                 rope_theta=rope_theta, name=name,
                  revision=revision, threads=threads, verify=not skip_verify, force=force, allow_pickle=allow_pickle,
                  llama_cpp=llama_cpp, log=log)
     if as_json:
@@ -165,15 +174,21 @@ def merge_cmd(base, adapter, out, force, allow_pickle, as_json):
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
               help="Use this llama.cpp checkout's converter.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-def convert_cmd(model, out, outtype, revision, allow_pickle, llama_cpp, force):
+@click.option("--ctx", "gguf_ctx", type=int, help="Context length the GGUF declares (as export --ctx).")
+@click.option("--rope-theta", type=float, help="RoPE base the GGUF declares (as export --rope-theta).")
+def convert_cmd(model, out, outtype, revision, allow_pickle, llama_cpp, force, gguf_ctx, rope_theta):
     """Convert one HF model to a single 16-bit (or q8_0) GGUF with llama.cpp's converter."""
-    from . import convert, hfmodel, sources, toolchain
+    from . import context, convert, hfmodel, sources, toolchain
     from .files import ensure_writable_dir
 
     source = sources.resolve(model, revision=revision, allow_pickle=allow_pickle)
     info = hfmodel.inspect_model(source.path, allow_pickle=allow_pickle)
+    plan = context.plan_context(info.config, gguf_ctx, rope_theta)
+    for note in plan.notes:
+        click.echo(f"Note: {note}.", err=True)
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
-    written = convert.convert_to_gguf(info, out, outtype=outtype, tools=toolchain.llama_cpp(llama_cpp), force=force)
+    written = convert.convert_to_gguf(info, out, outtype=outtype, context=plan.override,
+                                      tools=toolchain.llama_cpp(llama_cpp), force=force)
     click.echo(f"Wrote {out} ({written}).")
 
 
@@ -375,8 +390,11 @@ def modelfiles_cmd(out):
 @click.option("--max-eval-tokens", type=int, default=1024, show_default=True,
               help="Held-out tokens per language for the quality check.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--long", "long_ctx", type=int, default=None,
+              help="Also check long context at N tokens: logits past the trained context against the reference, "
+                   "and a pass-key retrieval probe on both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, as_json):
+def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, long_ctx, as_json):
     """Check GGUF against its reference: tokenizer, template, EOS, quality (KLD, same top, PPL), stop.
 
     Exit status 0 when every check passes, 1 when one fails.
@@ -385,7 +403,7 @@ def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens
 
     report = verify_gguf(gguf, ref=ref, quant_type=quant_type, family=family, stop_mode=stop_mode,
                          checks=[c.strip() for c in checks.split(",") if c.strip()],
-                         max_eval_tokens=max_eval_tokens, threads=threads)
+                         max_eval_tokens=max_eval_tokens, threads=threads, long_ctx=long_ctx)
     if as_json:
         _emit_json(report.to_dict())
     else:

@@ -90,13 +90,14 @@ def plan_context(config: dict, ctx: int | None = None, rope_theta: float | None 
         raise InputError(f"--rope-theta {rope_theta} is not a usable RoPE base: give a positive number like 1000000")
     if info.scaling_type is not None:
         if rope_theta is not None:
+            what = " (the native long context of Llama-3.1)" if info.scaling_type == "llama3" else ""
             raise InputError(
                 f"--rope-theta cannot be used on this model: its config.json has rope_scaling of type "
-                f"{info.scaling_type}{' (the native long context of Llama-3.1)' if info.scaling_type == 'llama3' else ''}"
-                f", which fixes how positions stretch up to {native}; use --ctx up to {native} instead")
+                f"{info.scaling_type}{what}, which fixes how positions stretch up to {native}; "
+                f"use --ctx up to {native} instead")
         if ctx is not None and native is not None and ctx > native:
-            raise InputError(f"--ctx {ctx} is beyond this model's {native} positions (rope_scaling {info.scaling_type});"
-                             f" give --ctx {native} or less")
+            raise InputError(f"--ctx {ctx} is beyond this model's {native} positions "
+                             f"(rope_scaling {info.scaling_type}); give --ctx {native} or less")
         return ContextPlan(ContextOverride(), native, ctx)
     notes: list[str] = []
     new_ctx = ctx if ctx is not None and ctx != native else None
@@ -105,6 +106,9 @@ def plan_context(config: dict, ctx: int | None = None, rope_theta: float | None 
         notes.append(f"--ctx {ctx} goes past the {native} positions the model was trained on with its RoPE base "
                      f"{info.rope_theta:g}: the seed raises the base with it (--rope-theta {SEED_ROPE_THETAS[0]:.0f})")
     return ContextPlan(ContextOverride(new_ctx, new_theta), ctx or native, ctx, tuple(notes))
+
+
+NO_OVERRIDE = ContextOverride()
 
 
 def apply_override(config: dict, override: ContextOverride) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import toolchain
-from .context import ContextOverride, apply_override
+from .context import NO_OVERRIDE, ContextOverride, apply_override
 from .errors import InputError
 from .files import atomic_output, ensure_free_space, read_json
 from .hfmodel import ModelInfo, estimate_gguf_bytes
@@ -51,7 +51,7 @@ def convert_to_gguf(
     *,
     outtype: str = "auto",
     overrides: TokenizerOverrides = TokenizerOverrides(),
-    context: ContextOverride = ContextOverride(),
+    context: ContextOverride = NO_OVERRIDE,
     tools: toolchain.LlamaCpp | None = None,
     force: bool = False,
 ) -> str:
@@ -74,7 +74,7 @@ def convert_to_gguf(
 
 
 def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides,
-           context: ContextOverride = ContextOverride()) -> Path:
+           context: ContextOverride = NO_OVERRIDE) -> Path:
     """A folder that looks like `model_dir` but whose tokenizer config carries `overrides` and whose config.json
     carries `context`."""
     rewritten = _REWRITTEN | ({"config.json"} if not context.empty else set())

@@ -166,7 +166,7 @@ def long_parity(gguf: GgufRunner, ref, ids: list[int], start: int, *, most: int 
     if not positions:
         raise ValueError(f"no positions past {start} in a sequence of {len(ids)} tokens")
     kld_sum, kld_max, same, n = 0.0, 0.0, 0, 0
-    for (at_q, q), (at_p, p) in zip(gguf.logits(ids, positions), ref.logits(ids, positions)):
+    for (at_q, q), (at_p, p) in zip(gguf.logits(ids, positions), ref.logits(ids, positions), strict=True):
         assert at_q == at_p and p.shape == q.shape, "the GGUF and the reference disagree on positions or vocabulary"
         lp, lq = _log_softmax(p), _log_softmax(q)
         kld = (np.exp(lp) * (lp - lq)).sum(-1)

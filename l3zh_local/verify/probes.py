@@ -17,7 +17,8 @@ from .thresholds import UNTRAINED_PPL
 def main(request_path: str) -> None:
     """Entry point of the child process: run the probe named in the request file, write the answer file."""
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
-    probes = {"tokenize_probe": tokenize_probe, "quality_probe": quality_probe, "stop_probe": stop_probe}
+    probes = {"tokenize_probe": tokenize_probe, "quality_probe": quality_probe, "stop_probe": stop_probe,
+              "long_probe": long_probe}
     try:
         payload = {"result": probes[request["probe"]](**request["args"])}
     except Exception as err:  # noqa: BLE001 - reported to the parent as the check's failure
@@ -129,7 +130,8 @@ def quality_probe(gguf: str, ref: str, texts: dict, n_ctx: int, max_tokens: int,
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(ref, config=_hf_config_like(ref, llm.metadata),
+                                                     dtype=torch.float32, use_safetensors=True)
         model.eval()
 
         def ref_logits(ids):
@@ -169,6 +171,17 @@ def quality_probe(gguf: str, ref: str, texts: dict, n_ctx: int, max_tokens: int,
             "ppl_ref": ppl_ref, "ppl_gguf": ppl_q, "ppl_ratio": ppl_q / ppl_ref,
         }
     return results
+
+
+def _hf_config_like(ref: str, gguf_meta: dict):
+    """The HF reference's config with the GGUF's context length and RoPE base (an export's --ctx/--rope-theta)."""
+    from transformers import AutoConfig
+
+    from ..context import apply_override, override_for_gguf
+    from ..files import read_json
+
+    raw = read_json(Path(ref) / "config.json")
+    return AutoConfig.for_model(**apply_override(raw, override_for_gguf(raw, gguf_meta)))
 
 
 # A question even a very small model answers in one short sentence (SmolLM2-135M: "The capital of France is Paris.").
@@ -224,3 +237,32 @@ def stop_probe(gguf: str, mode: str, stop_ids: list[int], max_new_tokens: int, t
     out.update(n_tokens=len(generated), text=text,
                template_text=(_token_text(llm, control[0]) if control else (markers[0] if markers else "")))
     return out
+
+
+def long_probe(gguf: str, ref: str | None, n_tokens: int, start: int, threads: int, passkey: bool) -> dict:
+    """(child) Parity past `start` on `n_tokens` of held-out text, and the pass-key probe on GGUF and reference."""
+    import gc
+
+    from . import longctx
+
+    runner = longctx.GgufRunner(gguf, n_tokens, threads)
+    out: dict[str, Any] = {"n_tokens": n_tokens}
+    ids = longctx.text_ids(runner, n_tokens)
+    key_ids, key = longctx.passkey_prompt(runner, n_tokens - 16) if passkey else ([], "")
+    if passkey:
+        out["passkey_gguf"] = longctx.passkey(runner, key_ids, key, runner.detokenize)
+    if ref is not None:
+        reference = longctx.reference_runner(ref, runner.meta, n_tokens, threads)
+        out["override"] = getattr(reference, "override", None) and reference.override.to_dict()
+        out["parity"] = longctx.long_parity(runner, reference, ids, start)
+        del runner
+        gc.collect()
+        if passkey:
+            out["passkey_ref"] = longctx.passkey(reference, key_ids, key, _detokenizer(gguf))
+    return out
+
+
+def _detokenizer(gguf: str):
+    """Text of ids through the GGUF's vocabulary (the reference reads the same ids)."""
+    vocab = _load(gguf, vocab_only=True)
+    return lambda ids: vocab.detokenize(ids).decode("utf-8", errors="replace")
