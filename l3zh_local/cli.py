@@ -228,13 +228,51 @@ def quants_cmd():
         click.echo(f"{q.name:<8} ~{q.bits_per_weight:5.2f} bits/weight  {q.note}{flag}")
 
 
+# -- plan --------------------------------------------------------------------------------------------------------
+
+@main.command("plan")
+@click.argument("model", required=False)
+@click.option("--ram", help="Memory of the machine the model will run on, e.g. 16G (default: this machine's).")
+@click.option("--ctx", "n_ctx", type=int, help="Context to run at (default: the model's, up to 8192).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type the RAM figures assume.")
+@click.option("--q", "quants", help="Quant types to show, comma-separated (default: a ladder from q8_0 to q2_k).")
+@click.option("--revision", help="Hub revision.")
+@click.option("--measure", is_flag=True,
+              help="First export the demo model once to measure this machine's step times (a few minutes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(model, ram, n_ctx, kv_type, quants, revision, measure, as_json):
+    """What exporting and running MODEL costs: per quant type its file size, the RAM to run it at a context
+    (weights + KV cache + compute buffer) and whether it fits, the disk an export needs, and each step's time.
+
+    MODEL: a local HF folder or a Hugging Face id (only config.json and the safetensors headers are fetched);
+    default: the demo model.
+    """
+    from .memory import parse_size
+    from .plan import format_plan, make_plan, model_facts
+    from .plan import measure as measure_here
+    from .quantize import parse_quant_list
+
+    facts = model_facts(model, revision=revision)
+    if measure:
+        measure_here(log=lambda msg: click.echo(msg, err=True))
+    result = make_plan(facts, n_ctx=n_ctx, ram=parse_size(ram) if ram else None, kv_type=kv_type,
+                       quants=parse_quant_list(quants, have_imatrix=True) if quants else None)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(format_plan(result))
+
+
 # -- doctor ------------------------------------------------------------------------------------------------------
 
 @main.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="A GGUF (or HF folder) for the memory table (default: Llama-3-8B at q4_k_m).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(as_json):
-    """Report what l3zh-local found on this machine and what is missing."""
-    from . import settings, toolchain
+def doctor(model_path, as_json):
+    """Report what l3zh-local found on this machine and what is missing, and what long contexts cost here."""
+    from . import memory, settings, toolchain
 
     report: dict = {"l3zh_local": __version__, "python": platform.python_version(),
                     "platform": platform.platform(), "cache": str(settings.cache_dir())}
@@ -265,6 +303,10 @@ def doctor(as_json):
             problems.append(f"L3ZH_LLAMA_CPP={override} has no {toolchain.CONVERTER}")
     elif not report["converter_cached"]:
         report["note"] = "the pinned converter is fetched on the first export (~77 MB from PyPI)"
+    memory_title, memory_rows, native = _memory_table(model_path)
+    total = memory.total_ram()
+    report["ram_total_bytes"], report["ram_available_bytes"] = total, memory.available_ram()
+    report["memory_table"] = {"model": memory_title, "rows": [r.to_dict() for r in memory_rows]}
     report["problems"] = problems
     if as_json:
         _emit_json(report)
@@ -273,11 +315,38 @@ def doctor(as_json):
             if key == "packages":
                 for name, version in value.items():
                     click.echo(f"  {name:<18} {version or 'missing'}")
-            elif key != "problems":
+            elif key not in ("problems", "memory_table", "ram_total_bytes", "ram_available_bytes"):
                 click.echo(f"{key}: {value}")
+        budget = memory.ram_budget(total) if total else None
+        click.echo(f"memory: {memory.gib(total) if total else '?'} total, "
+                   f"{memory.gib(report['ram_available_bytes'] or 0)} available now; to run {memory_title}:")
+        click.echo(memory.format_table(memory_rows, budget=budget, native=native))
         click.echo("problems: " + ("; ".join(problems) if problems else "none"))
     if problems:
         sys.exit(1)
+
+
+def _memory_table(model_path: Path | None):
+    """The context x KV type memory table for `model_path` (GGUF or HF folder), else for Llama-3-8B q4_k_m;
+    with its title and the model's own context."""
+    from . import memory
+    from .quantize import QUANT_TYPES
+
+    if model_path is None:
+        bits = QUANT_TYPES["q4_k_m"].bits_per_weight
+        title = "Llama-3-8B q4_k_m"
+        shape = memory.llama3_8b()
+        return title, memory.table(shape, memory.weights_bytes(memory.LLAMA3_8B_PARAMS, bits)), shape.context_length
+    if model_path.suffix == ".gguf":
+        shape, weights = memory.gguf_model(model_path)
+        return model_path.name, memory.table(shape, weights), shape.context_length
+    from .hfmodel import inspect_model
+
+    info = inspect_model(model_path)
+    bits = QUANT_TYPES["q4_k_m"].bits_per_weight
+    shape = memory.ModelShape.from_hf_config(info.config, info.n_params)
+    rows = memory.table(shape, memory.weights_bytes(info.n_params, bits))
+    return f"{model_path.name} q4_k_m", rows, shape.context_length
 
 
 def _version_of(package: str) -> str | None:
@@ -421,12 +490,16 @@ def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens
 @click.option("--repeat-penalty", type=float, help=f"Default: the chat family's ({_SAMPLING.repeat_penalty}).")
 @click.option("--max-tokens", type=int, help=f"Most new tokens per reply (default: the family's, "
                                              f"{_SAMPLING.max_tokens}).")
-@click.option("--ctx", type=int, default=DEFAULT_CTX, show_default=True, help="Context size in tokens.")
+@click.option("--ctx", default=str(DEFAULT_CTX), show_default=True,
+              help="Context size in tokens, or auto: the largest the free memory holds with the model, up to the "
+                   "model's own (see `l3zh-local plan`).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type: q8_0 halves its memory, q4_0 quarters it (both turn flash attention on).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed after each reply.")
-def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, max_tokens, ctx, threads,
+def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, max_tokens, ctx, kv_type, threads,
              gpu_layers, seed, stats):
     """Chat with GGUF in the terminal (/reset, /system TEXT, /exit), or answer one question with -p.
 
@@ -434,7 +507,10 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
     """
     from .chat import ChatSession, gguf_family, run_terminal_chat, sampling_for
 
-    session = ChatSession.open(gguf, system=system, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    session = ChatSession.open(gguf, system=system, n_ctx=ctx, kv_type=kv_type, threads=threads,
+                               gpu_layers=gpu_layers, seed=seed)
+    if session.context_choice is not None and question is None:
+        click.echo(f"[auto {session.context_choice.line()}]", err=True)
     session.sampling = sampling_for(gguf_family(session.llm), temperature=temperature, top_p=top_p, top_k=top_k,
                                     repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     if question is not None:

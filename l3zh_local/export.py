@@ -16,7 +16,6 @@ from pathlib import Path
 from . import context, convert, deploy, ggufmeta, hfmodel, imatrix, memory, recipes, sources, templates, toolchain
 from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
-from .hfmodel import estimate_gguf_bytes
 from .manifest import Manifest, fingerprint_folder, step_key
 from .quantize import QuantType, quantize
 
@@ -195,7 +194,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         if path.exists() and not opts.force:
             raise OutputExists(f"{path} exists and was not made by this export with these settings; "
                                "pass --force to overwrite it or choose another --out")
-    needed = sum(estimate_gguf_bytes(info, _bits(p, outtype, opts.quants)) for p in to_do)
+    needed = sum(_expected_bytes(info, p, outtype, opts.quants) for p in to_do)
     if adapter is not None and to_do:
         needed += info.weight_bytes  # the merged HF folder, removed once converted (and the imatrix computed)
     ensure_free_space(out, needed, f"{len(to_do)} GGUF file(s) ({human_size(needed)})")
@@ -254,6 +253,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             ref = hf_ref or (None if gguf == base else base)  # a large model's 16-bit GGUF has no reference
             if not _verified(manifest, gguf, ref, family, opts.threads, log):
                 failed.append(gguf.name)
+    from .plan import record_export
+
+    record_export(manifest.data)  # this machine's step timings, for `l3zh-local plan`
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
                         manifest=manifest, family=family, deploy_files=written, adapter=adapter,
                         failed_verification=failed)
@@ -422,6 +424,14 @@ def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:
     return convert.CONVERTER_OUTTYPES[outtype]
 
 
+def _expected_bytes(info: hfmodel.ModelInfo, path: Path, outtype: str, quants: list[QuantType]) -> int:
+    """The GGUF's size as `plan` figures it (memory.py: per tensor, from the safetensors headers)."""
+    qtype = next((q.name for q in quants if path.name.endswith(f".{q.name}.gguf")), outtype)
+    shapes = [t["shape"] for f in info.safetensors for t in f.tensors.values()] or None
+    return memory.hf_weights_bytes(info.config, info.n_params, qtype, _bits(path, outtype, quants),
+                                   shapes) + memory.GGUF_HEADER_BYTES
+
+
 def _record_gguf(manifest: Manifest, path: Path, key: str, kind: str, seconds: float, **extra) -> None:
     meta = ggufmeta.read_metadata(path)
     arch = meta.get("general.architecture", "llama")
@@ -443,7 +453,8 @@ def _warn_if_too_big(info: hfmodel.ModelInfo, ggufs: list[Path], outtype: str, q
         return  # not a shape the estimate knows: nothing useful to say
     budget = memory.ram_budget(ram)
     for gguf in ggufs:
-        need = memory.estimate(shape, memory.weights_bytes(info.n_params, _bits(gguf, outtype, quants)), num_ctx)
+        need = memory.estimate(shape, _expected_bytes(info, gguf, outtype, quants) - memory.GGUF_HEADER_BYTES,
+                               num_ctx)
         if need.total > budget:
             log(f"Warning: {gguf.name} needs about {memory.gib(need.total)} to run at num_ctx {num_ctx} "
                 f"({need.line()}), more than the {memory.gib(budget)} usable of this machine's "

@@ -20,7 +20,9 @@ An 8B Llama-3 (32 layers, 8 KV heads of 128) needs 128 KiB of f16 KV cache per t
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,17 @@ def gguf_model(path: Path) -> tuple[ModelShape, int]:
     return ModelShape.from_gguf_metadata(meta), int(meta["l3zh.tensor_data_bytes"])
 
 
+# Meta-Llama-3-8B's shape (config.json), for the tables of `doctor` and the README.
+LLAMA3_8B_CONFIG = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                    "max_position_embeddings": 8192}
+LLAMA3_8B_PARAMS = 8_030_261_248
+
+
+def llama3_8b() -> ModelShape:
+    return ModelShape.from_hf_config(LLAMA3_8B_CONFIG, LLAMA3_8B_PARAMS)
+
+
 # -- the parts ---------------------------------------------------------------------------------------------------
 
 def padded_ctx(n_ctx: int) -> int:
@@ -166,13 +179,52 @@ def output_buffer_bytes(shape: ModelShape, n_outputs: int = 1) -> int:
     return 4 * shape.vocab * max(1, n_outputs)
 
 
-def gguf_file_bytes(n_params: int, bits_per_weight: float) -> int:
-    """A GGUF's size on disk at `bits_per_weight` (llama.cpp's average for the type, mixed tensors included)."""
-    return weights_bytes(n_params, bits_per_weight) + GGUF_HEADER_BYTES
+# The type llama.cpp quantizes a matrix to when its rows are not a whole number of the type's 256-value blocks
+# (llama-quant.cpp, tensor_type_fallback), in bits per weight.
+_FALLBACK_BITS = {"q2_k": 4.5, "q3_k": 4.5, "q4_k": 5.5, "q5_k": 6.0, "q6_k": 8.5, "iq": 4.5}
 
 
-def weights_bytes(n_params: int, bits_per_weight: float) -> int:
-    return int(n_params * bits_per_weight / 8)
+def weights_bytes(n_params: int, bits_per_weight: float, qtype: str | None = None,
+                  shapes: Iterable[Sequence[int]] | None = None, tied_vocab: int | None = None) -> int:
+    """The tensor data of a GGUF at `bits_per_weight` (llama.cpp's average for the type, mixed tensors included).
+
+    With the tensors' `shapes` (HF order, rows last) and the type's name, vectors count as f32 and matrices whose
+    rows do not fit the type's 256-value blocks at their fallback type, as llama.cpp's quantizer writes them:
+    small models (SmolLM2's 576-wide rows) lose most k-quant tensors that way. `tied_vocab`: the vocabulary size
+    of a model whose embedding is also its output projection; every k-quant mix stores the output as q6_k.
+    """
+    if shapes is None or qtype is None:
+        return int(n_params * bits_per_weight / 8)
+    family = "iq" if qtype.startswith("iq") else qtype[:4]
+    block = 256 if family in _FALLBACK_BITS else 32 if qtype not in ("f16", "bf16", "f32") else 1
+    total = 0.0
+    for shape in shapes:
+        n = math.prod(shape)
+        bits, kind = bits_per_weight, family
+        if tied_vocab and block == 256 and len(shape) == 2 and shape[0] == tied_vocab:
+            bits, kind = 6.5625, "q6_k"
+        if len(shape) < 2:
+            total += 4 * n  # norms stay f32
+        elif shape[-1] % block == 0:
+            total += n * bits / 8
+        elif shape[-1] % 32 == 0:
+            total += n * _FALLBACK_BITS.get(kind, bits) / 8
+        else:
+            total += 2 * n  # no quantized type fits: f16
+    return int(total)
+
+
+def gguf_file_bytes(n_params: int, bits_per_weight: float, qtype: str | None = None,
+                    shapes: Iterable[Sequence[int]] | None = None, tied_vocab: int | None = None) -> int:
+    """A GGUF's size on disk: its tensor data (`weights_bytes`) and header."""
+    return weights_bytes(n_params, bits_per_weight, qtype, shapes, tied_vocab) + GGUF_HEADER_BYTES
+
+
+def hf_weights_bytes(config: dict, n_params: int, qtype: str, bits_per_weight: float,
+                     shapes: Iterable[Sequence[int]] | None = None) -> int:
+    """`weights_bytes` for an HF model about to be exported (config.json says whether the embedding is tied)."""
+    tied = int(config["vocab_size"]) if config.get("tie_word_embeddings") and config.get("vocab_size") else None
+    return weights_bytes(n_params, bits_per_weight, qtype, shapes, tied)
 
 
 # -- the estimate ------------------------------------------------------------------------------------------------
