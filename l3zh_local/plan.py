@@ -124,7 +124,7 @@ def _hub_facts(repo_id: str, revision: str | None) -> ModelFacts:
         raise OfflineError(f"cannot read {repo_id}'s metadata from {endpoint} ({type(exc).__name__}); "
                            f"{_OFFLINE_HINT}") from None
     config = read_json(Path(config_path))
-    counts: dict[str, int] = dict(meta.parameter_count)
+    counts: dict[str, int] = {str(k): int(v) for k, v in meta.parameter_count.items()}
     n_params = sum(counts.values())
     stored = sum(count * _DTYPE_BYTES.get(dtype, 2) for dtype, count in counts.items())
     floats = {k: v for k, v in counts.items() if k in ("BF16", "F16", "F32")}

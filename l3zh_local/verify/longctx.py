@@ -80,7 +80,7 @@ class GgufRunner:
 
     def greedy(self, ids: list[int], n_new: int) -> list[int]:
         self.llm._ctx.kv_cache_clear()
-        last = None
+        last = np.zeros(0)
         for i in range(0, len(ids), CHUNK):
             last = self._decode(ids[i:i + CHUNK], i)[-1]
         out: list[int] = []
@@ -135,7 +135,7 @@ class HfRunner:
     def greedy(self, ids: list[int], n_new: int) -> list[int]:
         import torch
 
-        cache, hidden = None, None
+        cache, hidden = None, torch.zeros(0)
         with torch.inference_mode():
             for i in range(0, len(ids), CHUNK):
                 hidden, cache = self._forward(ids[i:i + CHUNK], cache)

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import evaltext
 from .thresholds import UNTRAINED_PPL
 
+
 def main(request_path: str) -> None:
     """Entry point of the child process: run the probe named in the request file, write the answer file."""
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
-    probes = {"tokenize_probe": tokenize_probe, "quality_probe": quality_probe, "stop_probe": stop_probe,
-              "long_probe": long_probe}
+    probes: dict[str, Callable[..., Any]] = {"tokenize_probe": tokenize_probe, "quality_probe": quality_probe,
+                                             "stop_probe": stop_probe, "long_probe": long_probe}
     try:
         payload = {"result": probes[request["probe"]](**request["args"])}
     except Exception as err:  # noqa: BLE001 - reported to the parent as the check's failure
