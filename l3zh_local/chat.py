@@ -5,7 +5,8 @@ The conversation is rendered with the GGUF's own chat template every turn and to
 tokens and their KV cache and, given the whole conversation again, evaluates only the part after the longest
 common prefix, so the wait before the first token does not grow with the conversation.
 
-Defaults (system prompt, sampling) come from the chat family the GGUF's template belongs to.
+Defaults (system prompt, sampling) come from the chat family the GGUF's template belongs to. The context defaults
+to "auto": the largest the free memory holds with the model, up to the model's own (memory.choose_context).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import memory
 from .errors import InputError
 from .hardware import physical_cores
 from .prompt import ChatPrompt
@@ -27,7 +29,9 @@ from .templates import ChatFamily, Sampling, detect_family
 
 COMMANDS_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 USER_PROMPT = ">>> "
-DEFAULT_CTX = 4096
+DEFAULT_CTX: int | str = "auto"  # or a number of tokens
+# llama.cpp's cache types, by the names users give.
+_GGML_KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
 
 
 @dataclass
@@ -54,37 +58,77 @@ class TurnStats:
                 f"{speed:.1f} tokens/s]")
 
 
-def load_model(gguf: Path, *, n_ctx: int = DEFAULT_CTX, threads: int | None = None, gpu_layers: int = 0,
-               seed: int | None = None, verbose: bool = False):
-    """Load `gguf` with llama-cpp-python for chatting; InputError when it cannot be loaded."""
+def resolve_context(gguf: Path, n_ctx: int | str = DEFAULT_CTX, kv_type: str = "f16"
+                    ) -> tuple[int, memory.ContextChoice | None]:
+    """A number of tokens for `n_ctx`: itself, or for "auto" the largest that fits the free memory (and the choice).
+    """
+    if isinstance(n_ctx, str):
+        if n_ctx.strip().lower() != "auto":
+            try:
+                n_ctx = int(n_ctx)
+            except ValueError:
+                raise InputError(f"--ctx must be a number of tokens or auto, not {n_ctx!r}") from None
+        else:
+            choice = memory.choose_context(Path(gguf), kv_type=kv_type)
+            return choice.n_ctx, choice
+    if n_ctx < 16:
+        raise InputError(f"a context of {n_ctx} tokens is too small to chat in")
+    return n_ctx, None
+
+
+def load_model(gguf: Path, *, n_ctx: int | str = DEFAULT_CTX, kv_type: str = "f16", threads: int | None = None,
+               gpu_layers: int = 0, seed: int | None = None, verbose: bool = False):
+    """Load `gguf` with llama-cpp-python for chatting; InputError when it cannot be loaded.
+
+    n_ctx: tokens, or "auto" (memory.choose_context). kv_type: the KV cache's type, f16, q8_0 or q4_0; a quantized
+    cache turns flash attention on (llama.cpp reads a quantized V cache only through it).
+    """
     gguf = Path(gguf)
     if not gguf.is_file():
         raise InputError(f"no GGUF file at {gguf}")
+    kv_type = memory.check_kv_type(kv_type)
+    n_ctx, _ = resolve_context(gguf, n_ctx, kv_type)
     import llama_cpp
 
     if not verbose:
         _silence_llama_log()
     threads = threads or physical_cores()
-    kwargs = {"seed": seed} if seed is not None else {}
+    kwargs: dict[str, Any] = {"seed": seed} if seed is not None else {}
+    if kv_type != "f16":
+        ggml_type = getattr(llama_cpp, _GGML_KV_TYPES[kv_type])
+        kwargs.update(type_k=ggml_type, type_v=ggml_type, flash_attn=memory.needs_flash_attention(kv_type))
+    _LAST_ERRORS.clear()
     try:
         return llama_cpp.Llama(
             model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
             n_gpu_layers=gpu_layers, verbose=verbose, **kwargs,
         )
     except (ValueError, RuntimeError) as err:
-        raise InputError(f"cannot load {gguf}: {err}; is it a complete GGUF file?") from None
+        reason = _LAST_ERRORS[-1] if _LAST_ERRORS else str(err)
+        if kv_type != "f16" and "context" in str(err):
+            raise InputError(f"this llama.cpp build cannot run a {kv_type} KV cache for {gguf.name} ({reason}; it "
+                             "needs flash attention): use --kv-type f16") from None
+        raise InputError(f"cannot load {gguf}: {reason}; is it a complete GGUF file?") from None
 
 
 _LOG_CALLBACK = None
+_LAST_ERRORS: list[str] = []  # llama.cpp's error lines while loading: the reason a load failed
+_GGML_LOG_LEVEL_ERROR = 4
 
 
 def _silence_llama_log() -> None:
-    """Drop llama.cpp's log lines (they would interleave with the chat)."""
+    """Drop llama.cpp's log lines (they would interleave with the chat), keeping errors for the message."""
     global _LOG_CALLBACK
     import llama_cpp
 
+    def keep_errors(level, text, user_data) -> None:
+        if level == _GGML_LOG_LEVEL_ERROR:
+            line = text.decode("utf-8", errors="replace").strip()
+            if line:
+                _LAST_ERRORS[:] = [*_LAST_ERRORS[-4:], line.split(": ", 1)[-1]]
+
     if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(keep_errors)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
@@ -116,6 +160,7 @@ class ChatSession:
     stop_ids: set[int] | None = None
     messages: list[dict] = field(default_factory=list)
     last: TurnStats = field(default_factory=TurnStats)
+    context_choice: memory.ContextChoice | None = None  # how "auto" chose the context, when it did
 
     def __post_init__(self) -> None:
         import llama_cpp
@@ -127,20 +172,29 @@ class ChatSession:
 
     @classmethod
     def open(cls, gguf: Path, *, system: str | None = None, sampling: Sampling | None = None,
-             n_ctx: int = DEFAULT_CTX, threads: int | None = None, gpu_layers: int = 0,
+             n_ctx: int | str = DEFAULT_CTX, kv_type: str = "f16", threads: int | None = None, gpu_layers: int = 0,
              seed: int | None = None) -> ChatSession:
         """Load `gguf` and start a conversation with its chat family's defaults.
 
         system None means the family's default system prompt (the seed's shareAI models have one); "" means none.
-        sampling None means the family's sampling defaults.
+        sampling None means the family's sampling defaults. n_ctx: tokens or "auto" (the choice is kept in
+        `context_choice`); kv_type: f16, q8_0 or q4_0 (see `load_model`).
         """
-        llm = load_model(gguf, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+        n, choice = resolve_context(Path(gguf), n_ctx, memory.check_kv_type(kv_type))
+        llm = load_model(gguf, n_ctx=n, kv_type=kv_type, threads=threads, gpu_layers=gpu_layers, seed=seed)
         family = gguf_family(llm)
         if system is None:
             system = family.default_system if family else None
-        return cls(llm, system=system or None, sampling=sampling or sampling_for(family))
+        session = cls(llm, system=system or None, sampling=sampling or sampling_for(family))
+        session.context_choice = choice
+        return session
 
     # -- conversation state ------------------------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        # llama.cpp may round the context up; llama-cpp-python's token bookkeeping keeps the size asked for.
+        return min(self.llm.n_ctx(), len(self.llm.input_ids))
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays). The KV cache is kept: the prefix still matches."""
@@ -160,8 +214,7 @@ class ChatSession:
 
     def _fit(self, user_text: str) -> tuple[list[int], int, int]:
         """Prompt tokens, new-token budget and dropped messages, trimming the oldest turns to fit n_ctx."""
-        # llama.cpp may round the context up; llama-cpp-python's token bookkeeping keeps the size asked for.
-        n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
+        n_ctx = self.n_ctx
         max_tokens = self.sampling.max_tokens
         dropped = 0
         while True:
@@ -175,8 +228,8 @@ class ChatSession:
             while dropped < len(self.messages) and self.messages[dropped]["role"] != "user":
                 dropped += 1
         if room < 16:
-            raise InputError(f"the message is too long: {len(tokens)} tokens in a context of {n_ctx}; "
-                             "shorten it or raise --ctx")
+            raise InputError(f"the message is too long: {len(tokens)} tokens with the system prompt, in a context of "
+                             f"{n_ctx}; shorten it or raise --ctx (the conversation so far is kept)")
         return tokens, min(max_tokens, room), dropped
 
     # -- one turn ----------------------------------------------------------------------------------------------
@@ -235,14 +288,14 @@ class ChatSession:
 
 
 def chat(gguf: Path, question: str, *, system: str | None = None, sampling: Sampling | None = None,
-         n_ctx: int = DEFAULT_CTX, threads: int | None = None, gpu_layers: int = 0, seed: int | None = None,
-         stream: TextIO | None = None) -> str:
+         n_ctx: int | str = DEFAULT_CTX, kv_type: str = "f16", threads: int | None = None, gpu_layers: int = 0,
+         seed: int | None = None, stream: TextIO | None = None) -> str:
     """Answer one question with `gguf` and return the answer; with `stream`, also write it there as it comes.
 
     system and sampling: as in `ChatSession.open` (None: the chat family's defaults).
     """
-    session = ChatSession.open(gguf, system=system, sampling=sampling, n_ctx=n_ctx, threads=threads,
-                               gpu_layers=gpu_layers, seed=seed)
+    session = ChatSession.open(gguf, system=system, sampling=sampling, n_ctx=n_ctx, kv_type=kv_type,
+                               threads=threads, gpu_layers=gpu_layers, seed=seed)
 
     def write(text: str) -> None:
         assert stream is not None
@@ -293,7 +346,11 @@ def run_terminal_chat(session: ChatSession, *, title: str, input_fn: Callable[[s
         except KeyboardInterrupt:
             show("\n[stopped]")
         except InputError as err:
-            show(f"[{err}]")
+            show(f"[{err}]\n")
+            continue
         show("\n")
+        if session.last.trimmed_messages:
+            show(f"[{session.last.trimmed_messages} oldest messages dropped to fit the context of "
+                 f"{session.n_ctx} tokens{'; the system prompt is kept' if session.system else ''}]\n")
         if stats:
             show(session.last.line() + "\n")

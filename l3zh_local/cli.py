@@ -73,13 +73,21 @@ def _emit_json(data) -> None:
               help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
 @click.option("--template", help="Chat template family (see `l3zh-local templates`); default: detected.")
 @click.option("--template-file", type=click.Path(path_type=Path), help="A custom Jinja chat template.")
-@click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for.")
+@click.option("--num-ctx", type=int, help="Context length the Modelfile and presets ask for (default: --ctx, else the "
+                                          "recipe's, else the model's up to 8192).")
+@click.option("--ctx", "gguf_ctx", type=int,
+              help="Context length the GGUF declares (llama.context_length), e.g. 32768; on a Llama-3.1 model "
+                   "(rope_scaling llama3) only how much of its native 128K the deploy files ask for.")
+@click.option("--rope-theta", type=float,
+              help="RoPE base the GGUF declares (llama.rope.freq_base), e.g. 1000000 with --ctx 32768: the seed's "
+                   "long-context trick, without editing config.json. Refused on models with rope_scaling.")
 @click.option("--ollama", "ollama_name", help="Also register the first quant with `ollama create NAME`.")
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip checking each GGUF against its reference.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
-           calibration, template, template_file, num_ctx, ollama_name, skip_verify, force, as_json):
+           calibration, template, template_file, num_ctx, gguf_ctx, rope_theta, ollama_name, skip_verify, force,
+           as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -89,7 +97,8 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
 
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run(model, quants=quants, out=out, adapter=adapter, template=template, template_file=template_file,
-                 imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, name=name,
+                 imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, ctx=gguf_ctx,
+                 rope_theta=rope_theta, name=name,
                  revision=revision, threads=threads, verify=not skip_verify, force=force, allow_pickle=allow_pickle,
                  llama_cpp=llama_cpp, log=log)
     if as_json:
@@ -165,15 +174,21 @@ def merge_cmd(base, adapter, out, force, allow_pickle, as_json):
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
               help="Use this llama.cpp checkout's converter.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-def convert_cmd(model, out, outtype, revision, allow_pickle, llama_cpp, force):
+@click.option("--ctx", "gguf_ctx", type=int, help="Context length the GGUF declares (as export --ctx).")
+@click.option("--rope-theta", type=float, help="RoPE base the GGUF declares (as export --rope-theta).")
+def convert_cmd(model, out, outtype, revision, allow_pickle, llama_cpp, force, gguf_ctx, rope_theta):
     """Convert one HF model to a single 16-bit (or q8_0) GGUF with llama.cpp's converter."""
-    from . import convert, hfmodel, sources, toolchain
+    from . import context, convert, hfmodel, sources, toolchain
     from .files import ensure_writable_dir
 
     source = sources.resolve(model, revision=revision, allow_pickle=allow_pickle)
     info = hfmodel.inspect_model(source.path, allow_pickle=allow_pickle)
+    plan = context.plan_context(info.config, gguf_ctx, rope_theta)
+    for note in plan.notes:
+        click.echo(f"Note: {note}.", err=True)
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
-    written = convert.convert_to_gguf(info, out, outtype=outtype, tools=toolchain.llama_cpp(llama_cpp), force=force)
+    written = convert.convert_to_gguf(info, out, outtype=outtype, context=plan.override,
+                                      tools=toolchain.llama_cpp(llama_cpp), force=force)
     click.echo(f"Wrote {out} ({written}).")
 
 
@@ -213,13 +228,51 @@ def quants_cmd():
         click.echo(f"{q.name:<8} ~{q.bits_per_weight:5.2f} bits/weight  {q.note}{flag}")
 
 
+# -- plan --------------------------------------------------------------------------------------------------------
+
+@main.command("plan")
+@click.argument("model", required=False)
+@click.option("--ram", help="Memory of the machine the model will run on, e.g. 16G (default: this machine's).")
+@click.option("--ctx", "n_ctx", type=int, help="Context to run at (default: the model's, up to 8192).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type the RAM figures assume.")
+@click.option("--q", "quants", help="Quant types to show, comma-separated (default: a ladder from q8_0 to q2_k).")
+@click.option("--revision", help="Hub revision.")
+@click.option("--measure", is_flag=True,
+              help="First export the demo model once to measure this machine's step times (a few minutes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(model, ram, n_ctx, kv_type, quants, revision, measure, as_json):
+    """What exporting and running MODEL costs: per quant type its file size, the RAM to run it at a context
+    (weights + KV cache + compute buffer) and whether it fits, the disk an export needs, and each step's time.
+
+    MODEL: a local HF folder or a Hugging Face id (only config.json and the safetensors headers are fetched);
+    default: the demo model.
+    """
+    from .memory import parse_size
+    from .plan import format_plan, make_plan, model_facts
+    from .plan import measure as measure_here
+    from .quantize import parse_quant_list
+
+    facts = model_facts(model, revision=revision)
+    if measure:
+        measure_here(log=lambda msg: click.echo(msg, err=True))
+    result = make_plan(facts, n_ctx=n_ctx, ram=parse_size(ram) if ram else None, kv_type=kv_type,
+                       quants=parse_quant_list(quants, have_imatrix=True) if quants else None)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(format_plan(result))
+
+
 # -- doctor ------------------------------------------------------------------------------------------------------
 
 @main.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="A GGUF (or HF folder) for the memory table (default: Llama-3-8B at q4_k_m).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(as_json):
-    """Report what l3zh-local found on this machine and what is missing."""
-    from . import settings, toolchain
+def doctor(model_path, as_json):
+    """Report what l3zh-local found on this machine and what is missing, and what long contexts cost here."""
+    from . import memory, settings, toolchain
 
     report: dict = {"l3zh_local": __version__, "python": platform.python_version(),
                     "platform": platform.platform(), "cache": str(settings.cache_dir())}
@@ -250,6 +303,10 @@ def doctor(as_json):
             problems.append(f"L3ZH_LLAMA_CPP={override} has no {toolchain.CONVERTER}")
     elif not report["converter_cached"]:
         report["note"] = "the pinned converter is fetched on the first export (~77 MB from PyPI)"
+    memory_title, memory_rows, native = _memory_table(model_path)
+    total = memory.total_ram()
+    report["ram_total_bytes"], report["ram_available_bytes"] = total, memory.available_ram()
+    report["memory_table"] = {"model": memory_title, "rows": [r.to_dict() for r in memory_rows]}
     report["problems"] = problems
     if as_json:
         _emit_json(report)
@@ -258,11 +315,38 @@ def doctor(as_json):
             if key == "packages":
                 for name, version in value.items():
                     click.echo(f"  {name:<18} {version or 'missing'}")
-            elif key != "problems":
+            elif key not in ("problems", "memory_table", "ram_total_bytes", "ram_available_bytes"):
                 click.echo(f"{key}: {value}")
+        budget = memory.ram_budget(total) if total else None
+        click.echo(f"memory: {memory.gib(total) if total else '?'} total, "
+                   f"{memory.gib(report['ram_available_bytes'] or 0)} available now; to run {memory_title}:")
+        click.echo(memory.format_table(memory_rows, budget=budget, native=native))
         click.echo("problems: " + ("; ".join(problems) if problems else "none"))
     if problems:
         sys.exit(1)
+
+
+def _memory_table(model_path: Path | None):
+    """The context x KV type memory table for `model_path` (GGUF or HF folder), else for Llama-3-8B q4_k_m;
+    with its title and the model's own context."""
+    from . import memory
+    from .quantize import QUANT_TYPES
+
+    if model_path is None:
+        bits = QUANT_TYPES["q4_k_m"].bits_per_weight
+        title = "Llama-3-8B q4_k_m"
+        shape = memory.llama3_8b()
+        return title, memory.table(shape, memory.weights_bytes(memory.LLAMA3_8B_PARAMS, bits)), shape.context_length
+    if model_path.suffix == ".gguf":
+        shape, weights = memory.gguf_model(model_path)
+        return model_path.name, memory.table(shape, weights), shape.context_length
+    from .hfmodel import inspect_model
+
+    info = inspect_model(model_path)
+    bits = QUANT_TYPES["q4_k_m"].bits_per_weight
+    shape = memory.ModelShape.from_hf_config(info.config, info.n_params)
+    rows = memory.table(shape, memory.weights_bytes(info.n_params, bits))
+    return f"{model_path.name} q4_k_m", rows, shape.context_length
 
 
 def _version_of(package: str) -> str | None:
@@ -375,8 +459,11 @@ def modelfiles_cmd(out):
 @click.option("--max-eval-tokens", type=int, default=1024, show_default=True,
               help="Held-out tokens per language for the quality check.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--long", "long_ctx", type=int, default=None,
+              help="Also check long context at N tokens: logits past the trained context against the reference, "
+                   "and a pass-key retrieval probe on both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, as_json):
+def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, long_ctx, as_json):
     """Check GGUF against its reference: tokenizer, template, EOS, quality (KLD, same top, PPL), stop.
 
     Exit status 0 when every check passes, 1 when one fails.
@@ -385,7 +472,7 @@ def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens
 
     report = verify_gguf(gguf, ref=ref, quant_type=quant_type, family=family, stop_mode=stop_mode,
                          checks=[c.strip() for c in checks.split(",") if c.strip()],
-                         max_eval_tokens=max_eval_tokens, threads=threads)
+                         max_eval_tokens=max_eval_tokens, threads=threads, long_ctx=long_ctx)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -403,12 +490,16 @@ def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens
 @click.option("--repeat-penalty", type=float, help=f"Default: the chat family's ({_SAMPLING.repeat_penalty}).")
 @click.option("--max-tokens", type=int, help=f"Most new tokens per reply (default: the family's, "
                                              f"{_SAMPLING.max_tokens}).")
-@click.option("--ctx", type=int, default=DEFAULT_CTX, show_default=True, help="Context size in tokens.")
+@click.option("--ctx", default=str(DEFAULT_CTX), show_default=True,
+              help="Context size in tokens, or auto: the largest the free memory holds with the model, up to the "
+                   "model's own (see `l3zh-local plan`).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type: q8_0 halves its memory, q4_0 quarters it (both turn flash attention on).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed after each reply.")
-def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, max_tokens, ctx, threads,
+def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, max_tokens, ctx, kv_type, threads,
              gpu_layers, seed, stats):
     """Chat with GGUF in the terminal (/reset, /system TEXT, /exit), or answer one question with -p.
 
@@ -416,7 +507,10 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
     """
     from .chat import ChatSession, gguf_family, run_terminal_chat, sampling_for
 
-    session = ChatSession.open(gguf, system=system, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers, seed=seed)
+    session = ChatSession.open(gguf, system=system, n_ctx=ctx, kv_type=kv_type, threads=threads,
+                               gpu_layers=gpu_layers, seed=seed)
+    if session.context_choice is not None and question is None:
+        click.echo(f"[auto {session.context_choice.line()}]", err=True)
     session.sampling = sampling_for(gguf_family(session.llm), temperature=temperature, top_p=top_p, top_k=top_k,
                                     repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     if question is not None:

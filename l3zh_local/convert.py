@@ -1,7 +1,8 @@
 """HF folder to 16-bit (or q8_0) GGUF with llama.cpp's own converter.
 
 The chat template and EOS the GGUF must carry are decided by us, not by whatever the model folder says: we give
-the converter a staging folder whose tokenizer_config.json carries them, the weights linked, not copied.
+the converter a staging folder whose tokenizer_config.json carries them, the weights linked, not copied. An export's
+context override (context.py: --ctx / --rope-theta) is staged the same way, in a rewritten config.json.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import toolchain
+from .context import NO_OVERRIDE, ContextOverride, apply_override
 from .errors import InputError
 from .files import atomic_output, ensure_free_space, read_json
 from .hfmodel import ModelInfo, estimate_gguf_bytes
@@ -49,10 +51,15 @@ def convert_to_gguf(
     *,
     outtype: str = "auto",
     overrides: TokenizerOverrides = TokenizerOverrides(),
+    context: ContextOverride = NO_OVERRIDE,
     tools: toolchain.LlamaCpp | None = None,
     force: bool = False,
 ) -> str:
-    """Convert the model described by `info` into `outfile`; return the GGUF type written."""
+    """Convert the model described by `info` into `outfile`; return the GGUF type written.
+
+    context: the context length and RoPE base the GGUF declares instead of config.json's (the user's files are
+    left as they are).
+    """
     outtype = resolve_outtype(info, outtype)
     tools = tools or toolchain.llama_cpp()
     outfile = Path(outfile)
@@ -60,16 +67,23 @@ def convert_to_gguf(
     ensure_free_space(outfile.parent, expected, f"the {outtype} GGUF")
     with atomic_output(outfile, force=force) as tmp:
         with tempfile.TemporaryDirectory(prefix="l3zh-stage-") as stage:
-            source = info.path if overrides.empty else _stage(info.path, Path(stage), overrides)
+            staged = not (overrides.empty and context.empty)
+            source = _stage(info.path, Path(stage), overrides, context) if staged else info.path
             toolchain.run_converter(tools, source, tmp, outtype, expected_bytes=expected)
     return outtype
 
 
-def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides) -> Path:
-    """A folder that looks like `model_dir` but whose tokenizer config carries `overrides`."""
+def _stage(model_dir: Path, stage: Path, overrides: TokenizerOverrides,
+           context: ContextOverride = NO_OVERRIDE) -> Path:
+    """A folder that looks like `model_dir` but whose tokenizer config carries `overrides` and whose config.json
+    carries `context`."""
+    rewritten = _REWRITTEN | ({"config.json"} if not context.empty else set())
     for entry in model_dir.iterdir():
-        if entry.name not in _REWRITTEN:
+        if entry.name not in rewritten:
             os.symlink(entry.resolve(), stage / entry.name)
+    if not context.empty:
+        model_config = apply_override(read_json(model_dir / "config.json"), context)
+        (stage / "config.json").write_text(json.dumps(model_config, indent=2), encoding="utf-8")
     config_path = model_dir / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     if overrides.chat_template is not None:

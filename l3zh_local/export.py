@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import convert, deploy, ggufmeta, hardware, hfmodel, imatrix, recipes, sources, templates, toolchain
+from . import (
+    context, convert, deploy, ggufmeta, hardware, hfmodel, imatrix, memory, recipes, sources, templates, toolchain,
+)
 from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
-from .hfmodel import estimate_gguf_bytes
 from .manifest import Manifest, fingerprint_folder, step_key
 from .quantize import QuantType, quantize
 
@@ -41,6 +42,8 @@ class ExportOptions:
     template: str | None = None  # a chat family name (templates.list_families)
     template_file: Path | None = None  # a custom Jinja chat template
     num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
+    ctx: int | None = None  # context the GGUF declares (llama.context_length); see context.py
+    rope_theta: float | None = None  # RoPE base the GGUF declares (llama.rope.freq_base): the seed's trick
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id) merged into the source first
     verify: bool = True  # check every GGUF against its reference (verify.py) and record the verdicts
 
@@ -87,6 +90,8 @@ def export(
     calibration: str | Path | None = None,
     outtype: str = "auto",
     num_ctx: int | None = None,
+    ctx: int | None = None,
+    rope_theta: float | None = None,
     name: str | None = None,
     revision: str | None = None,
     threads: int = 0,
@@ -103,6 +108,8 @@ def export(
     LoRA adapter merged into the model first. template / template_file: the chat family or a custom Jinja
     template (default: detected). imatrix: None for the default, False to quantize without an importance matrix.
     verify: check every GGUF against its reference (`ExportResult.failed_verification` lists those that failed).
+    ctx / rope_theta: the context length and RoPE base the GGUF declares instead of the model's (the seed's 32K
+    trick: ctx=32768, rope_theta=1e6); ctx also becomes the deployment files' context unless num_ctx is given.
     force: redo every step and overwrite outputs. Everything else as the CLI's ``l3zh-local export --help``.
     """
     from .quantize import parse_quant_list
@@ -115,7 +122,7 @@ def export(
         llama_cpp=Path(llama_cpp) if llama_cpp else None, threads=threads, name=name,
         imatrix="auto" if imatrix is None else ("on" if imatrix else "off"),
         calibration=Path(calibration) if calibration else None, template=template,
-        template_file=Path(template_file) if template_file else None, num_ctx=num_ctx,
+        template_file=Path(template_file) if template_file else None, num_ctx=num_ctx, ctx=ctx, rope_theta=rope_theta,
         adapter=str(adapter) if adapter else None, verify=verify,
     )
     return run_export(opts, log=log)
@@ -136,8 +143,17 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     recipe = _recipe_for(source)
     # A fine-tune's own chat template (saved beside the adapter) decides the family over the base's.
     family = choose_family(opts, info, recipe, adapter.path if adapter else None)
-    num_ctx = opts.num_ctx or (recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192,
-                                                                   8192))
+    ctx_plan = context.plan_context(info.config, opts.ctx or (recipe.ctx if recipe else None),
+                                    opts.rope_theta or (recipe.rope_theta if recipe else None))
+    for note in ctx_plan.notes:
+        log(f"Note: {note}.")
+    num_ctx = opts.num_ctx or ctx_plan.deploy_ctx or (
+        recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192, 8192))
+    if not ctx_plan.override.empty:
+        log(f"Context: the GGUF declares {ctx_plan.gguf_context} positions"
+            + (f", RoPE base {ctx_plan.override.rope_theta:g}" if ctx_plan.override.rope_theta else "")
+            + f" (config.json says {info.config.get('max_position_embeddings')}, "
+              f"{context.rope_info(info.config).rope_theta or 'no'} base; your files are left as they are).")
     log(f"Chat template: {family.name} (EOS {family.eos_token}, stops {', '.join(family.stop_tokens)}).")
     overrides = convert.TokenizerOverrides(chat_template=family.jinja, eos_token=family.eos_token)
 
@@ -145,10 +161,13 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     manifest.set_run_info(
         source=source.describe() | {"files": fingerprint_folder(source.path)},
         model={"architecture": info.architecture, "n_params": info.n_params, "weight_dtype": info.weight_dtype,
-               "context_length": info.config.get("max_position_embeddings")},
+               "context_length": info.config.get("max_position_embeddings"),
+               "rope_theta": context.rope_info(info.config).rope_theta,
+               "rope_scaling": context.rope_info(info.config).scaling_type},
         toolchain=tools.describe(),
         settings={"outtype": outtype, "quants": [q.name for q in opts.quants], "threads": opts.threads,
-                  "num_ctx": num_ctx},
+                  "num_ctx": num_ctx, "ctx": ctx_plan.override.ctx, "rope_theta": ctx_plan.override.rope_theta,
+                  "gguf_context_length": ctx_plan.gguf_context},
         template={"family": family.name, "eos_token": family.eos_token, "stop_tokens": list(family.stop_tokens),
                   "default_system": family.default_system, "recipe": recipe.name if recipe else None,
                   "jinja_sha256": templates.template_hash(family.jinja)},
@@ -160,8 +179,10 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     targets = {q.name: out / f"{stem}.{q.name}.gguf" for q in opts.quants if q.name != outtype}
     # With an adapter the weights also depend on the adapter's weights (its sha256) and config.
     adapter_parts = [adapter_record["sha256"], adapter_record["config_sha256"]] if adapter_record else []
+    # The context override is part of the key only when there is one: earlier exports stay reusable.
+    context_parts = [] if ctx_plan.override.empty else [ctx_plan.override.to_dict()]
     convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version,
-                           family.jinja, family.eos_token, *adapter_parts)
+                           family.jinja, family.eos_token, *adapter_parts, *context_parts)
     use_imatrix = _wants_imatrix(opts, info, targets)
     calibration = _calibration_text(opts) if use_imatrix else None
     imatrix_path = out / f"{stem}.imatrix.safetensors"
@@ -175,10 +196,11 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
         if path.exists() and not opts.force:
             raise OutputExists(f"{path} exists and was not made by this export with these settings; "
                                "pass --force to overwrite it or choose another --out")
-    needed = sum(estimate_gguf_bytes(info, _bits(p, outtype, opts.quants)) for p in to_do)
+    needed = sum(_expected_bytes(info, p, outtype, opts.quants) for p in to_do)
     if adapter is not None and to_do:
         needed += info.weight_bytes  # the merged HF folder, removed once converted (and the imatrix computed)
     ensure_free_space(out, needed, f"{len(to_do)} GGUF file(s) ({human_size(needed)})")
+    _warn_if_too_big(info, [targets[n] for n in targets] or [base], outtype, opts.quants, num_ctx, log)
 
     reused: list[str] = []
     weights = _Weights(opts, source, info, adapter, out / f"{stem}{MERGED_SUFFIX}", manifest, log)
@@ -188,7 +210,8 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             log(f"Converting {source.ref} to {outtype} GGUF with llama.cpp's converter ({tools.source} "
                 f"{tools.runtime_version})...")
             started = time.monotonic()
-            convert.convert_to_gguf(model_info, base, outtype=outtype, overrides=overrides, tools=tools, force=True)
+            convert.convert_to_gguf(model_info, base, outtype=outtype, overrides=overrides, context=ctx_plan.override,
+                                    tools=tools, force=True)
             _record_gguf(manifest, base, convert_key, "base", time.monotonic() - started)
             manifest.save()
         else:
@@ -233,6 +256,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
             ref = hf_ref or (None if gguf == gguf_ref else gguf_ref)  # the reference GGUF itself has none
             if not _verified(manifest, gguf, ref, family, opts.threads, log):
                 failed.append(gguf.name)
+    from .plan import record_export
+
+    record_export(manifest.data)  # this machine's step timings, for `l3zh-local plan`
     return ExportResult(out_dir=out, source=source, base_gguf=base, quant_ggufs=targets, reused=reused,
                         manifest=manifest, family=family, deploy_files=written, adapter=adapter,
                         failed_verification=failed)
@@ -414,11 +440,41 @@ def _bits(path: Path, outtype: str, quants: list[QuantType]) -> float:
     return convert.CONVERTER_OUTTYPES[outtype]
 
 
+def _expected_bytes(info: hfmodel.ModelInfo, path: Path, outtype: str, quants: list[QuantType]) -> int:
+    """The GGUF's size as `plan` figures it (memory.py: per tensor, from the safetensors headers)."""
+    qtype = next((q.name for q in quants if path.name.endswith(f".{q.name}.gguf")), outtype)
+    shapes = [t["shape"] for f in info.safetensors for t in f.tensors.values()] or None
+    return memory.hf_weights_bytes(info.config, info.n_params, qtype, _bits(path, outtype, quants),
+                                   shapes) + memory.GGUF_HEADER_BYTES
+
+
 def _record_gguf(manifest: Manifest, path: Path, key: str, kind: str, seconds: float, **extra) -> None:
     meta = ggufmeta.read_metadata(path)
+    arch = meta.get("general.architecture", "llama")
     manifest.record_file(path, key, kind=kind, seconds=seconds, type=ggufmeta.file_type_name(meta),
-                         tensor_types=meta["l3zh.tensor_types"], **extra)
+                         tensor_types=meta["l3zh.tensor_types"], context_length=meta.get(f"{arch}.context_length"),
+                         rope_freq_base=meta.get(f"{arch}.rope.freq_base"), **extra)
     manifest.record_step(f"{kind}:{path.name}", seconds)
+
+
+def _warn_if_too_big(info: hfmodel.ModelInfo, ggufs: list[Path], outtype: str, quants: list[QuantType],
+                     num_ctx: int, log: Callable[[str], None]) -> None:
+    """Say so when a GGUF will not run at num_ctx in this machine's memory (memory.py: weights + KV + compute)."""
+    ram = memory.total_ram()
+    if not ram:
+        return
+    try:
+        shape = memory.ModelShape.from_hf_config(info.config, info.n_params)
+    except InputError:
+        return  # not a shape the estimate knows: nothing useful to say
+    budget = memory.ram_budget(ram)
+    for gguf in ggufs:
+        need = memory.estimate(shape, _expected_bytes(info, gguf, outtype, quants) - memory.GGUF_HEADER_BYTES,
+                               num_ctx)
+        if need.total > budget:
+            log(f"Warning: {gguf.name} needs about {memory.gib(need.total)} to run at num_ctx {num_ctx} "
+                f"({need.line()}), more than the {memory.gib(budget)} usable of this machine's "
+                f"{memory.gib(ram)}: choose a smaller quant or --num-ctx (see `l3zh-local plan`).")
 
 
 def _clean_partials(out: Path) -> None:

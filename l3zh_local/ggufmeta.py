@@ -27,6 +27,7 @@ _SCALARS = {
 class _Cursor:
     def __init__(self, fh):
         self.fh = fh
+        self.skipped_lengths: list[int] = []  # lengths of the long arrays stepped over, in order
 
     def unpack(self, fmt: str):
         size = struct.calcsize(fmt)
@@ -50,6 +51,7 @@ class _Cursor:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
             if count <= _SHORT_ARRAY:
                 return [self.value(item_type) for _ in range(count)]
+            self.skipped_lengths.append(count)
             if item_type in _SCALARS:
                 self.fh.seek(struct.calcsize(_SCALARS[GGUFValueType(item_type)]) * count, 1)
             elif item_type == GGUFValueType.STRING:
@@ -62,7 +64,9 @@ class _Cursor:
 
 
 def read_metadata(path: Path) -> dict:
-    """Metadata key/values of a GGUF (long arrays left out) plus `l3zh.tensor_types`: tensor type -> count."""
+    """Metadata key/values of a GGUF (long arrays left out) plus `l3zh.tensor_types`: tensor type -> count,
+    `l3zh.array_lengths`: long array key -> its length (the vocabulary size is the tokens' one), and
+    `l3zh.tensor_data_bytes`: the bytes of tensor data (what llama.cpp maps into memory)."""
     import gguf
 
     path = Path(path)
@@ -74,11 +78,15 @@ def read_metadata(path: Path) -> dict:
             version = cur.unpack("<I")
             n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
             meta: dict = {"GGUF.version": version}
+            lengths: dict[str, int] = {}
             for _ in range(n_kv):
                 key = cur.string()
+                skipped = len(cur.skipped_lengths)
                 value = cur.value(cur.unpack("<I"))
                 if value is not None:
                     meta[key] = value
+                elif len(cur.skipped_lengths) > skipped:
+                    lengths[key] = cur.skipped_lengths[-1]
             types: Counter[str] = Counter()
             for _ in range(n_tensors):
                 cur.skip_string()
@@ -86,9 +94,15 @@ def read_metadata(path: Path) -> dict:
                 fh.seek(8 * n_dims, 1)
                 types[gguf.GGMLQuantizationType(cur.unpack("<I")).name] += 1
                 cur.unpack("<Q")  # data offset
+            # Tensor data starts at the next multiple of the alignment after the tensor infos.
+            alignment = int(meta.get("general.alignment", 32))
+            data_start = -(-fh.tell() // alignment) * alignment
+            size = path.stat().st_size
     except (OSError, ValueError, struct.error) as exc:
         raise InputError(f"{path} is not a readable GGUF file ({exc})") from None
     meta["l3zh.tensor_types"] = dict(types)
+    meta["l3zh.array_lengths"] = lengths
+    meta["l3zh.tensor_data_bytes"] = max(0, size - data_start)
     return meta
 
 

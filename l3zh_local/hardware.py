@@ -28,11 +28,23 @@ def physical_cores() -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new process (Linux MemAvailable), or None where not knowable."""
+    """Bytes of memory available to a new process now (Linux MemAvailable), or None where it cannot be told."""
+    return _meminfo("MemAvailable")
+
+
+def total_memory() -> int | None:
+    """Bytes of physical memory."""
+    return _meminfo("MemTotal")
+
+
+def _meminfo(key: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:  # macOS and other Unixes: physical memory is all that can be told
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -138,4 +138,6 @@ def _listed_safetensors(path: Path) -> list[Path]:
 
 def estimate_gguf_bytes(info: ModelInfo, bits_per_weight: float) -> int:
     """Rough size of a GGUF of this model at `bits_per_weight`, for progress bars and disk checks."""
-    return int(info.n_params * bits_per_weight / 8) + 8 * 1024**2
+    from .memory import gguf_file_bytes
+
+    return gguf_file_bytes(info.n_params, bits_per_weight)

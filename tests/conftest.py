@@ -40,3 +40,9 @@ def tiny_llama3_gguf(tiny_llama3_dir, tools, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny.bf16.gguf"
     convert_to_gguf(hfmodel.inspect_model(tiny_llama3_dir), out, tools=tools)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama31_dir():
+    """The tiny fixture with Llama-3.1's rope_scaling (llama3) and 131072 positions; cached across sessions."""
+    return fixtures.tiny_llama31()

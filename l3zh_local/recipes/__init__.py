@@ -42,6 +42,8 @@ class Recipe:
     default_system: str | None = None  # None: the family's default
     ggufs: tuple[PublishedGGUF, ...] = field(default_factory=tuple)
     path: Path | None = None
+    ctx: int | None = None  # export --ctx: the context the GGUF declares (context.py)
+    rope_theta: float | None = None  # export --rope-theta: the RoPE base the GGUF declares
 
     @property
     def family(self) -> ChatFamily:
@@ -56,7 +58,7 @@ def recipes_dir() -> Path:
 
 
 _KEYS = {"name", "description", "hub_id", "modelscope_id", "family", "default_system", "context_length", "num_ctx",
-         "gguf"}
+         "gguf", "ctx", "rope_theta"}
 
 
 def _read(path: Path) -> Recipe:
@@ -74,6 +76,8 @@ def _read(path: Path) -> Recipe:
         context_length=int(data["context_length"]), num_ctx=int(data["num_ctx"]), hub_id=data.get("hub_id"),
         modelscope_id=data.get("modelscope_id"), default_system=data.get("default_system"),
         ggufs=tuple(PublishedGGUF(g["file"], g["repo"], g["quant"]) for g in data.get("gguf", [])), path=path,
+        ctx=int(data["ctx"]) if "ctx" in data else None,
+        rope_theta=float(data["rope_theta"]) if "rope_theta" in data else None,
     )
 
 

@@ -59,6 +59,8 @@ def verify_gguf(
     threads: int | None = None,
     timeout_s: float = 1800,
     checks: Sequence[str] = ALL_CHECKS,
+    long_ctx: int | None = None,
+    passkey: bool = True,
 ) -> VerifyReport:
     """Run every check on `gguf` and return the report (never raises for a failed check).
 
@@ -67,7 +69,9 @@ def verify_gguf(
     stop tokens come from `family` (a chat family of the registry), else from expected_template / expected_eos,
     else from `ref` (its own template, as the family l3zh-local writes for it when it is a known one, and its EOS
     ids); with none of these the template check can only warn. stop_mode: "natural", "forced" (stop token forced through the logits), "auto" (natural unless the
-    model is untrained) or "skip". checks: which of ALL_CHECKS to run.
+    model is untrained) or "skip". checks: which of ALL_CHECKS to run. long_ctx: also run the ``long`` check at
+    this many tokens (verify/longctx.py): parity with the reference past the trained context, and the pass-key
+    probe on both (passkey=False skips it).
     """
     gguf = Path(gguf)
     if not gguf.is_file():
@@ -76,6 +80,8 @@ def verify_gguf(
         ref = Path(ref)
         if not ref.exists():
             raise InputError(f"no reference model at {ref}: give an HF folder or a 16-bit GGUF")
+    if long_ctx is not None and long_ctx < 512:
+        raise InputError(f"--long {long_ctx} is too short to say anything about long context: give at least 512")
     unknown = set(checks) - set(ALL_CHECKS)
     if unknown:
         raise InputError(f"unknown check {', '.join(sorted(unknown))}: choose from {', '.join(ALL_CHECKS)}")
@@ -132,6 +138,9 @@ def verify_gguf(
     if "stop" in checks:
         stop_ids = list(dict.fromkeys(i for i in (stop_tokens or expected_ids) if i is not None))
         report.checks.append(_stop_check(gguf, stop_mode, stop_ids, max_new_tokens, untrained, threads, timeout_s))
+    if long_ctx is not None:
+        report.checks.append(_long_check(gguf, ref, long_ctx, report.quant_type, untrained, passkey, threads,
+                                         timeout_s))
     return report
 
 
@@ -354,6 +363,50 @@ def _quality_check(gguf, ref, quant_type, thresholds, n_ctx, max_eval_tokens, th
     if problems:
         return CheckResult("quality", FAIL, "; ".join(problems), figures)
     return CheckResult("quality", PASS, summary, figures)
+
+
+def _long_check(gguf: Path, ref: Path | None, n_tokens: int, quant_type: str | None, untrained: bool | None,
+                passkey: bool, threads: int, timeout_s: float) -> CheckResult:
+    """Parity with the reference past the trained context (held-out text), then the pass-key probe on both."""
+    from ..context import original_context
+    from ..files import read_json
+
+    trained = 8192
+    if ref is not None and ref.suffix != ".gguf":
+        _check_fp32_fits(ref)
+        trained = original_context(read_json(ref / "config.json"))
+    start = min(trained, n_tokens // 2)
+    args = {"gguf": str(gguf), "ref": str(ref) if ref else None, "n_tokens": n_tokens, "start": start,
+            "threads": threads, "passkey": passkey}
+    result, crash = _isolated("long_probe", args, timeout_s)
+    if crash:
+        return CheckResult("long", FAIL, f"the long-context run failed: {crash}")
+    problems, parts = [], []
+    figures: dict = {"n_tokens": n_tokens, **result}
+    parity = result.get("parity")
+    if parity is not None:
+        limit = default_threshold(quant_type).max_kld if quant_type else default_threshold("f16").max_kld
+        if untrained and quant_type not in SIXTEEN_BIT:
+            limit = round(limit * UNTRAINED_KLD_FACTOR, 6)
+        figures["max_kld"] = limit
+        parts.append(f"past {start}: KLD {parity['kld_mean']:.3g} (limit {limit:g}), same top "
+                     f"{parity['same_top']:.1%} over {parity['positions']} positions")
+        if parity["kld_mean"] > limit:
+            problems.append(f"positions past {start} differ from the reference: KLD {parity['kld_mean']:.4g} > "
+                            f"{limit:g} (wrong RoPE base or scaling?)")
+    else:
+        parts.append("no reference: parity not checked")
+    if passkey:
+        mine, theirs = result["passkey_gguf"], result.get("passkey_ref")
+        said = "found" if mine["retrieved"] else f"missed ({mine['answer']!r})"
+        ref_said = ("" if theirs is None else
+                    "; reference " + ("found it" if theirs["retrieved"] else f"missed it too ({theirs['answer']!r})"))
+        parts.append(f"pass key at {mine['tokens']} tokens: {said}{ref_said}")
+        if not mine["retrieved"] and theirs is not None and theirs["retrieved"]:
+            problems.append(f"the reference finds the pass key at {mine['tokens']} tokens, the GGUF does not")
+    if problems:
+        return CheckResult("long", FAIL, "; ".join(problems), figures)
+    return CheckResult("long", PASS, "; ".join(parts), figures)
 
 
 def _check_fp32_fits(ref: Path) -> None:

@@ -20,7 +20,7 @@ def main(request_path: str) -> None:
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
     probes: dict[str, Callable[..., Any]] = {
         "tokenize_probe": tokenize_probe, "reference_probe": reference_probe, "quality_probe": quality_probe,
-        "stop_probe": stop_probe,
+        "stop_probe": stop_probe, "long_probe": long_probe,
     }
     try:
         payload = {"result": probes[request["probe"]](**request["args"])}
@@ -128,8 +128,9 @@ def _eval_chunks(gguf: str, texts: dict, n_ctx: int, max_tokens: int) -> dict[st
     return chunks
 
 
-def _logits_source(model: str, n_ctx: int, threads: int) -> Callable[[list[int]], Any]:
-    """ids -> float32 logits (one row per position) of a GGUF (llama.cpp) or an HF folder (fp32 on CPU)."""
+def _logits_source(model: str, n_ctx: int, threads: int, like_gguf: str | None = None) -> Callable[[list[int]], Any]:
+    """ids -> float32 logits (one row per position) of a GGUF (llama.cpp) or an HF folder (fp32 on CPU; with the
+    context length and RoPE base of `like_gguf`, the GGUF being checked, when given)."""
     import numpy as np
 
     if model.endswith(".gguf"):
@@ -145,7 +146,8 @@ def _logits_source(model: str, n_ctx: int, threads: int) -> Callable[[list[int]]
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
+    config = _hf_config_like(model, _load(like_gguf, vocab_only=True).metadata) if like_gguf else None
+    hf = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=torch.float32, use_safetensors=True)
     hf.eval()
 
     def hf_logits(ids: list[int]):
@@ -163,7 +165,7 @@ def reference_probe(gguf: str, ref: str, texts: dict, n_ctx: int, max_tokens: in
     import numpy as np
 
     chunks = _eval_chunks(gguf, texts, n_ctx, max_tokens)
-    logits = _logits_source(ref, n_ctx, threads)
+    logits = _logits_source(ref, n_ctx, threads, like_gguf=gguf)
     with open(logprobs_path, "wb") as out:
         for lang_chunks in chunks.values():
             for chunk in lang_chunks:
@@ -205,6 +207,17 @@ def quality_probe(gguf: str, chunks: dict, vocab_size: int, logprobs_path: str, 
                 "ppl_ref": ppl_ref, "ppl_gguf": ppl_q, "ppl_ratio": ppl_q / ppl_ref,
             }
     return results
+
+
+def _hf_config_like(ref: str, gguf_meta: dict):
+    """The HF reference's config with the GGUF's context length and RoPE base (an export's --ctx/--rope-theta)."""
+    from transformers import AutoConfig
+
+    from ..context import apply_override, override_for_gguf
+    from ..files import read_json
+
+    raw = read_json(Path(ref) / "config.json")
+    return AutoConfig.for_model(**apply_override(raw, override_for_gguf(raw, gguf_meta)))
 
 
 # A question even a very small model answers in one short sentence (SmolLM2-135M: "The capital of France is Paris.").
@@ -260,3 +273,32 @@ def stop_probe(gguf: str, mode: str, stop_ids: list[int], max_new_tokens: int, t
     out.update(n_tokens=len(generated), text=text,
                template_text=(_token_text(llm, control[0]) if control else (markers[0] if markers else "")))
     return out
+
+
+def long_probe(gguf: str, ref: str | None, n_tokens: int, start: int, threads: int, passkey: bool) -> dict:
+    """(child) Parity past `start` on `n_tokens` of held-out text, and the pass-key probe on GGUF and reference."""
+    import gc
+
+    from . import longctx
+
+    runner = longctx.GgufRunner(gguf, n_tokens, threads)
+    out: dict[str, Any] = {"n_tokens": n_tokens}
+    ids = longctx.text_ids(runner, n_tokens)
+    key_ids, key = longctx.passkey_prompt(runner, n_tokens - 16) if passkey else ([], "")
+    if passkey:
+        out["passkey_gguf"] = longctx.passkey(runner, key_ids, key, runner.detokenize)
+    if ref is not None:
+        reference = longctx.reference_runner(ref, runner.meta, n_tokens, threads)
+        out["override"] = getattr(reference, "override", None) and reference.override.to_dict()
+        out["parity"] = longctx.long_parity(runner, reference, ids, start)
+        del runner
+        gc.collect()
+        if passkey:
+            out["passkey_ref"] = longctx.passkey(reference, key_ids, key, _detokenizer(gguf))
+    return out
+
+
+def _detokenizer(gguf: str):
+    """Text of ids through the GGUF's vocabulary (the reference reads the same ids)."""
+    vocab = _load(gguf, vocab_only=True)
+    return lambda ids: vocab.detokenize(ids).decode("utf-8", errors="replace")
