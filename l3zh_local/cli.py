@@ -430,5 +430,40 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
         run_terminal_chat(session, title=gguf.name, stats=stats)
 
 
+# -- serve -------------------------------------------------------------------------------------------------------
+
+@main.command("serve")
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (any other than loopback exposes the model: use --api-key).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free port).")
+@click.option("--ctx", type=int, default=DEFAULT_CTX, show_default=True, help="Context tokens per slot.")
+@click.option("--parallel", type=int, default=1, show_default=True,
+              help="Requests generated at once; each slot is a llama.cpp context with its own KV cache.")
+@click.option("--threads", type=int, default=None, help="CPU threads per slot (default: physical cores / slots).")
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
+@click.option("--api-key", envvar="L3ZH_API_KEY", help="Require 'Authorization: Bearer KEY' (also $L3ZH_API_KEY).")
+@click.option("--template-file", type=click.Path(path_type=Path),
+              help="A Jinja chat template to use instead of the GGUF's own.")
+@click.option("--name", "model_name", help="Model id to report (default: the GGUF's file name).")
+@click.option("--no-page", is_flag=True, help="Do not serve the chat page at /.")
+@click.option("--quiet", is_flag=True, help="No access log.")
+def serve_cmd(gguf, host, port, ctx, parallel, threads, gpu_layers, api_key, template_file, model_name, no_page,
+              quiet):
+    """Serve GGUF with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)
+    and a chat page at /.
+
+    \b
+    l3zh-local serve dist/smollm2-135m-instruct.q4_k_m.gguf
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "你好"}]}'
+    """
+    from .serve import serve
+
+    serve(gguf, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, gpu_layers=gpu_layers,
+          api_key=api_key, template_file=template_file, model_name=model_name, page=not no_page,
+          access_log=not quiet, log=lambda line: click.echo(line, err=line.startswith("Warning")))
+
+
 if __name__ == "__main__":
     main()
