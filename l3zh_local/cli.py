@@ -376,11 +376,28 @@ def modelfiles_cmd(out):
               help="Held-out tokens per language for the quality check.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, as_json):
+@click.option("--endpoint", help="Check the OpenAI-compatible server at this URL against GGUF's (or an HF "
+                                 "folder's) chat family instead (l3zh-local serve, llama-server, Ollama, LM Studio, "
+                                 "vLLM).")
+@click.option("--model", "endpoint_model", help="With --endpoint: the model name to ask for (default: the only one).")
+@click.option("--api-key", envvar="L3ZH_API_KEY", help="With --endpoint: the server's API key.")
+@click.option("--min-ctx", type=int, help="With --endpoint: the context the server must offer (default: the "
+                                          "export's manifest or the model's recipe).")
+def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, as_json, endpoint,
+               endpoint_model, api_key, min_ctx):
     """Check GGUF against its reference: tokenizer, template, EOS, quality (KLD, same top, PPL), stop.
+
+    With --endpoint URL, check a running server instead: prompt token counts, finish_reason, stop-token text,
+    streamed UTF-8 and advertised context, against GGUF's (or an HF folder's) chat family.
 
     Exit status 0 when every check passes, 1 when one fails.
     """
+    if endpoint:
+        from .verify.endpoint import verify_endpoint
+
+        report = verify_endpoint(endpoint, gguf, model=endpoint_model, api_key=api_key, min_ctx=min_ctx)
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if as_json else report.table())
+        sys.exit(0 if report.passed else 1)
     from .verify import verify_gguf
 
     report = verify_gguf(gguf, ref=ref, quant_type=quant_type, family=family, stop_mode=stop_mode,

@@ -18,8 +18,8 @@ import hmac
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -147,7 +147,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        watcher.add_done_callback(lambda task: task.cancelled() or self.on_disconnect())
+        watcher.add_done_callback(lambda task: None if task.cancelled() else self.on_disconnect())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.events:
@@ -296,7 +296,7 @@ class Api:
             return EventStream(self._events(job, rid, created, chat=chat, include_usage=usage), job.cancel.set)
         # Not streamed: still stop generating if the client goes away while waiting.
         watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-        watcher.add_done_callback(lambda task: task.cancelled() or job.cancel.set())
+        watcher.add_done_callback(lambda task: None if task.cancelled() else job.cancel.set())
         pieces: list[str] = []
         try:
             async for piece in self._generate(job):

@@ -295,18 +295,8 @@ def load_engine(gguf: Path, *, n_ctx: int, parallel: int = 1, threads: int | Non
     threads = threads or max(1, physical_cores() // parallel)
     started = time.monotonic()
     llms = [load_model(Path(gguf), n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers) for _ in range(parallel)]
-    vocab = _load_vocab(Path(gguf))  # after load_model, which silences libllama's log
     name = model_name or Path(gguf).name.removesuffix(".gguf")
-    engine = Engine(llms, vocab, model_name=name, template=template, family=family)
+    # Tokenizing reads only the vocabulary, never the context, so the event loop may tokenize with slot 0's model
+    # while that slot generates (llama-server tokenizes in its HTTP threads the same way).
+    engine = Engine(llms, llms[0], model_name=name, template=template, family=family)
     return engine, LoadedModel(Path(gguf), parallel, threads, engine.n_ctx, time.monotonic() - started)
-
-
-def _load_vocab(gguf: Path):
-    import llama_cpp
-
-    if not gguf.is_file():
-        raise InputError(f"no GGUF file at {gguf}")
-    try:
-        return llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    except (ValueError, RuntimeError) as err:
-        raise InputError(f"cannot load {gguf}: {err}; is it a complete GGUF file?") from None
