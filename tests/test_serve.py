@@ -468,3 +468,114 @@ def test_verify_endpoint_names_the_check_a_wrong_template_fails(demo, tmp_path):
     failed = {c.name for c in report.failures()}
     assert {"prompt_tokens", "context"} <= failed
     assert "verify FAILED: " in report.table() and "prompt_tokens" in report.table().splitlines()[-1]
+
+
+# -- files to serve elsewhere (written by export beside each GGUF) ---------------------------------------------------
+
+@pytest.mark.slow
+def test_llama_server_command_adds_the_template_file_only_when_the_gguf_needs_it(tmp_path, tiny, demo):
+    import shlex
+
+    from l3zh_local.serve.bundles import write_bundles
+    from l3zh_local.templates import get_family
+
+    # The tiny GGUF carries Meta's template, not the llama3 family's: llama-server must be given the family's.
+    (tmp_path / "a").mkdir()
+    gguf = tmp_path / "a" / "tiny.bf16.gguf"
+    gguf.symlink_to(tiny)
+    family = get_family("llama3")
+    written = write_bundles(gguf, family, "tiny", 2048)
+    script = (tmp_path / "a" / "tiny.bf16.llama-server.sh").read_text()
+    command = shlex.split(script.splitlines()[-1].removeprefix("exec ").removesuffix(' "$@"'))
+    assert command[:8] == ["llama-server", "-m", "tiny.bf16.gguf", "--alias", "tiny", "--jinja",
+                           "--chat-template-file", "tiny.bf16.chat_template.jinja"]
+    assert command[command.index("-c") + 1] == str(2048 * 4) and command[command.index("-np") + 1] == "4"
+    assert command[command.index("--temp") + 1] == "0.6" and command[command.index("-n") + 1] == "500"
+    assert (tmp_path / "a" / "tiny.bf16.chat_template.jinja").read_text() == family.jinja
+    assert subprocess.run(["sh", "-n", str(tmp_path / "a" / "tiny.bf16.llama-server.sh")]).returncode == 0
+    assert {p.name for p in written} == {"tiny.bf16.chat_template.jinja", "tiny.bf16.llama-server.sh",
+                                         "tiny.bf16.model.yaml"}
+
+    # The demo GGUF carries the chatml family's own template: no template file, two slots asked for.
+    (tmp_path / "b").mkdir()
+    gguf = tmp_path / "b" / "demo.q8_0.gguf"
+    gguf.symlink_to(demo)
+    write_bundles(gguf, get_family("chatml"), "demo", 1024, slots=2)
+    line = (tmp_path / "b" / "demo.q8_0.llama-server.sh").read_text().splitlines()[-1]
+    assert "--chat-template-file" not in line and "--jinja -c 2048 -np 2" in line
+    assert not (tmp_path / "b" / "demo.q8_0.chat_template.jinja").exists()
+
+
+@pytest.mark.slow
+def test_vllm_bundle_stops_on_every_family_stop_id_and_renders_like_hf(tmp_path, tiny):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from l3zh_local.prompt import ChatPrompt
+    from l3zh_local.serve.bundles import VllmSource, write_bundles
+    from l3zh_local.templates import get_family
+
+    gguf = tmp_path / "tiny.bf16.gguf"
+    gguf.symlink_to(tiny)
+    family = get_family("llama3.1")
+    hf_dir = fixtures.tiny_llama3()
+    write_bundles(gguf, family, "tiny", 8192, vllm=VllmSource(str(hf_dir)))
+    folder = tmp_path / "tiny.vllm"
+    hf = AutoTokenizer.from_pretrained(str(hf_dir))
+    config = GenerationConfig.from_pretrained(str(folder))  # how vLLM reads --generation-config
+    assert config.eos_token_id == hf.convert_tokens_to_ids(
+        ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>", "<|eom_id|>"])
+    assert config.bos_token_id == 128000 and config.temperature == 0.6 and config.repetition_penalty == 1.1
+    template = (folder / "chat_template.jinja").read_text()
+    assert template == family.jinja
+    # vLLM renders with HF's apply_chat_template: the same ids as the project's prompt path.
+    hf_ids = hf.apply_chat_template(CHAT, chat_template=template, add_generation_prompt=True, tokenize=True)
+    hf_ids = list(hf_ids["input_ids"] if hasattr(hf_ids, "keys") else hf_ids)
+    assert hf_ids == ChatPrompt.from_hf(hf, template).ids(CHAT)
+    script = (folder / "serve.sh").read_text()
+    assert f"vllm serve {hf_dir}" in script
+    for flag in ('--chat-template "$here/chat_template.jinja"', '--generation-config "$here"',
+                 "--max-model-len 8192", "--served-model-name tiny", "--host 127.0.0.1"):
+        assert flag in script
+    assert subprocess.run(["sh", "-n", str(folder / "serve.sh")]).returncode == 0
+
+    write_bundles(gguf, family, "tiny", 8192, vllm=VllmSource("org/base", adapter="/abs/my-lora"))
+    merged = (folder / "serve.sh").read_text()
+    assert "l3zh-local merge org/base /abs/my-lora --out \"$merged\"" in merged
+    assert 'vllm serve "$merged"' in merged
+
+
+def test_lm_studio_model_yaml_has_load_and_operation_config():
+    import yaml
+
+    from l3zh_local.deploy.lmstudio import model_yaml
+    from l3zh_local.templates import get_family
+
+    family = get_family("shareai-base-sft")
+    data = yaml.safe_load(model_yaml(family, "llama3-chinese", "llama3-chinese.q4_k_m.gguf", 8192))
+    assert data["model"] == "l3zh-local/l3zh-llama3-chinese"
+    assert data["base"][0]["key"] == "l3zh-local/llama3-chinese"
+    assert data["config"]["load"]["fields"] == [{"key": "llm.load.contextLength", "value": 8192}]
+    ops = {f["key"]: f["value"] for f in data["config"]["operation"]["fields"]}
+    assert ops["llm.prediction.promptTemplate"]["jinjaPromptTemplate"]["template"] == family.jinja
+    assert ops["llm.prediction.promptTemplate"]["stopStrings"] == list(family.stop_tokens)
+    assert ops["llm.prediction.stopStrings"] == list(family.stop_tokens)
+    assert ops["llm.prediction.systemPrompt"] == family.default_system
+
+
+@pytest.mark.slow
+def test_export_writes_the_serving_files_beside_each_gguf(tmp_path):
+    from l3zh_local import export
+
+    result = export(str(fixtures.tiny_llama3()), quants=["q8_0"], out=tmp_path / "dist", name="tiny", verify=False,
+                    imatrix=False, template="llama3")
+    files = result.manifest.data["files"]
+    assert files["tiny.bf16.gguf"]["serve_files"] == [
+        "tiny.bf16.llama-server.sh", "tiny.bf16.model.yaml", "tiny.vllm/chat_template.jinja",
+        "tiny.vllm/generation_config.json", "tiny.vllm/serve.sh"]
+    assert files["tiny.q8_0.gguf"]["serve_files"] == ["tiny.q8_0.llama-server.sh", "tiny.q8_0.model.yaml"]
+    for entry in files.values():
+        for name in entry.get("serve_files", []):
+            assert (tmp_path / "dist" / name).is_file()
+    # The export put the family's template in the GGUF, so llama-server needs no template file.
+    assert "--chat-template-file" not in (tmp_path / "dist" / "tiny.q8_0.llama-server.sh").read_text()
+    assert str(fixtures.tiny_llama3().resolve()) in (tmp_path / "dist" / "tiny.vllm" / "serve.sh").read_text()
