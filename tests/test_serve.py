@@ -89,6 +89,13 @@ def vocab(tiny):
 
 
 @pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(fixtures.tiny_llama3()))
+
+
+@pytest.fixture(scope="module")
 def server(tiny):
     proc = ServeProcess(tiny, "--ctx", "512", "--threads", "1", "--quiet")
     yield proc
@@ -127,11 +134,10 @@ def test_health_and_models(server):
 
 
 @pytest.mark.slow
-def test_chat_prompt_is_hf_apply_chat_template_token_for_token(client, tiny):
+def test_chat_prompt_is_hf_apply_chat_template_token_for_token(client, tiny, hf_tokenizer):
     import llama_cpp
-    from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(fixtures.tiny_llama3()))
+    hf = hf_tokenizer
     hf_ids = hf.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     hf_ids = list(hf_ids["input_ids"] if hasattr(hf_ids, "keys") else hf_ids)
     assert hf_ids.count(128000) == 1  # one BOS
@@ -507,8 +513,8 @@ def test_llama_server_command_adds_the_template_file_only_when_the_gguf_needs_it
 
 
 @pytest.mark.slow
-def test_vllm_bundle_stops_on_every_family_stop_id_and_renders_like_hf(tmp_path, tiny):
-    from transformers import AutoTokenizer, GenerationConfig
+def test_vllm_bundle_stops_on_every_family_stop_id_and_renders_like_hf(tmp_path, tiny, hf_tokenizer):
+    from transformers import GenerationConfig
 
     from l3zh_local.prompt import ChatPrompt
     from l3zh_local.serve.bundles import VllmSource, write_bundles
@@ -520,7 +526,7 @@ def test_vllm_bundle_stops_on_every_family_stop_id_and_renders_like_hf(tmp_path,
     hf_dir = fixtures.tiny_llama3()
     write_bundles(gguf, family, "tiny", 8192, vllm=VllmSource(str(hf_dir)))
     folder = tmp_path / "tiny.vllm"
-    hf = AutoTokenizer.from_pretrained(str(hf_dir))
+    hf = hf_tokenizer
     config = GenerationConfig.from_pretrained(str(folder))  # how vLLM reads --generation-config
     assert config.eos_token_id == hf.convert_tokens_to_ids(
         ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>", "<|eom_id|>"])
@@ -566,16 +572,15 @@ def test_lm_studio_model_yaml_has_load_and_operation_config():
 def test_export_writes_the_serving_files_beside_each_gguf(tmp_path):
     from l3zh_local import export
 
-    result = export(str(fixtures.tiny_llama3()), quants=["q8_0"], out=tmp_path / "dist", name="tiny", verify=False,
+    # Only the 16-bit GGUF (no quantization: the bundles of a quant are the same call, tested above).
+    result = export(str(fixtures.tiny_llama3()), quants=["bf16"], out=tmp_path / "dist", name="tiny", verify=False,
                     imatrix=False, template="llama3")
     files = result.manifest.data["files"]
     assert files["tiny.bf16.gguf"]["serve_files"] == [
         "tiny.bf16.llama-server.sh", "tiny.bf16.model.yaml", "tiny.vllm/chat_template.jinja",
         "tiny.vllm/generation_config.json", "tiny.vllm/serve.sh"]
-    assert files["tiny.q8_0.gguf"]["serve_files"] == ["tiny.q8_0.llama-server.sh", "tiny.q8_0.model.yaml"]
-    for entry in files.values():
-        for name in entry.get("serve_files", []):
-            assert (tmp_path / "dist" / name).is_file()
+    for name in files["tiny.bf16.gguf"]["serve_files"]:
+        assert (tmp_path / "dist" / name).is_file()
     # The export put the family's template in the GGUF, so llama-server needs no template file.
-    assert "--chat-template-file" not in (tmp_path / "dist" / "tiny.q8_0.llama-server.sh").read_text()
+    assert "--chat-template-file" not in (tmp_path / "dist" / "tiny.bf16.llama-server.sh").read_text()
     assert str(fixtures.tiny_llama3().resolve()) in (tmp_path / "dist" / "tiny.vllm" / "serve.sh").read_text()
