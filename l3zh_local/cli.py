@@ -453,11 +453,14 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (any other than loopback exposes the model: use --api-key).")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free port).")
-@click.option("--ctx", type=int, default=DEFAULT_CTX, show_default=True, help="Context tokens per slot.")
-@click.option("--parallel", type=int, default=1, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port (0: any free port).")
+@click.option("--ctx", type=click.IntRange(16), default=DEFAULT_CTX, show_default=True,
+              help="Context tokens per slot.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests generated at once; each slot is a llama.cpp context with its own KV cache.")
-@click.option("--threads", type=int, default=None, help="CPU threads per slot (default: physical cores / slots).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads per slot (default: physical cores / slots).")
 @click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
 @click.option("--api-key", envvar="L3ZH_API_KEY", help="Require 'Authorization: Bearer KEY' (also $L3ZH_API_KEY).")
 @click.option("--template-file", type=click.Path(path_type=Path),

@@ -37,6 +37,7 @@ from .engine import Engine, Job, RequestError
 # -- request bodies ------------------------------------------------------------------------------------------------
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+MAX_BODY_BYTES = 16 * 2**20  # far more than any context holds; a larger body is refused before it fills memory
 
 
 class TextPart(BaseModel):
@@ -206,7 +207,13 @@ class Api:
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         # The body is read as JSON whatever its Content-Type says (`curl -d` sends a form type), as llama-server does.
-        raw = await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB", status=413)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
