@@ -305,11 +305,13 @@ class Api:
         watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
         watcher.add_done_callback(lambda task: None if task.cancelled() else job.cancel.set())
         pieces: list[str] = []
+        generation = self._generate(job)
         try:
-            async for piece in self._generate(job):
+            async for piece in generation:
                 pieces.append(piece)
         finally:
             watcher.cancel()
+            await generation.aclose()
         text = "".join(pieces)
         usage_data = _usage(job)
         if chat:
@@ -380,13 +382,17 @@ class Api:
 
         if chat:
             yield _sse(chunk(role=True))
+        generation = self._generate(job)
         try:
-            async for piece in self._generate(job):
+            async for piece in generation:
                 yield _sse(chunk(piece))
         except Exception as err:  # noqa: BLE001 - the headers are sent: report it in the stream
             yield _sse({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None,
                                   "code": None}})
             return
+        finally:
+            # Closed here, not left to the garbage collector: its cleanup stops the worker and frees the slot.
+            await generation.aclose()
         if job.finish_reason == "cancelled":
             return
         yield _sse(chunk(finish=job.finish_reason))
