@@ -584,3 +584,18 @@ def test_export_writes_the_serving_files_beside_each_gguf(tmp_path):
     # The export put the family's template in the GGUF, so llama-server needs no template file.
     assert "--chat-template-file" not in (tmp_path / "dist" / "tiny.bf16.llama-server.sh").read_text()
     assert str(fixtures.tiny_llama3().resolve()) in (tmp_path / "dist" / "tiny.vllm" / "serve.sh").read_text()
+
+
+@pytest.mark.slow
+def test_verify_endpoint_expects_the_same_from_an_hf_folder_and_its_gguf(tiny, tmp_path):
+    from l3zh_local.verify.endpoint import expected_from
+
+    from_hf = expected_from(fixtures.tiny_llama3())
+    from_gguf = expected_from(tiny, min_ctx=4096)
+    assert from_hf.family == from_gguf.family == "llama3"
+    assert from_hf.counts == from_gguf.counts and from_hf.stream_count == from_gguf.stream_count
+    assert "<|eot_id|>" in from_hf.stop_texts and "<|eot_id|>" in from_gguf.stop_texts
+    assert (from_gguf.min_ctx, from_gguf.ctx_source) == (4096, "--min-ctx")
+    (tmp_path / "manifest.json").write_text(json.dumps({"settings": {"num_ctx": 2048}}))
+    (tmp_path / "x.q4_k_m.gguf").symlink_to(tiny)
+    assert expected_from(tmp_path / "x.q4_k_m.gguf").min_ctx == 2048
