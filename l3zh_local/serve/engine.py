@@ -75,11 +75,12 @@ class StreamText:
         return longest
 
     def flush(self) -> str:
-        """What is left at the end of generation (an incomplete character becomes U+FFFD: the model made it)."""
+        """What is left at the end of generation. The bytes of a character the generation stopped in the middle of
+        (max_tokens reached) are dropped: half a character is not text, and U+FFFD would show as a broken one."""
         if self.stopped:
             return ""
-        out = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
+        out, self._pending = self._pending, ""
+        self._decoder.reset()
         return out
 
 
