@@ -114,6 +114,8 @@ def _print_export_summary(result, ollama_name: str | None) -> None:
     click.echo(f"  Beside each GGUF: <name>.Modelfile (Ollama), <name>.preset.json and <name>.legacy.preset.json "
                f"(LM Studio), chat template {result.family.name}.")
     click.echo(f"\nTry it:  l3zh-local chat {first}")
+    click.echo(f"Serve:   l3zh-local serve {first}   (elsewhere: {first.stem}.llama-server.sh, "
+               f"{first.stem}.model.yaml; vLLM: {result.base_gguf.name.rsplit('.', 2)[0]}.vllm/serve.sh)")
     from .deploy import install_hint, ollama_create
 
     if ollama_name:
