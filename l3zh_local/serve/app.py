@@ -18,7 +18,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -174,10 +174,9 @@ async def _wait_disconnect(receive: Receive) -> None:
 # -- the app -------------------------------------------------------------------------------------------------------
 
 class Api:
-    def __init__(self, engine: Engine, *, api_key: str | None = None, page: bool = True):
+    def __init__(self, engine: Engine, *, api_key: str | None = None):
         self.engine = engine
         self.api_key = api_key
-        self.page = page
         self.created = int(time.time())
         # One worker thread per slot: a generation holds its thread for as long as it runs.
         self.workers = ThreadPoolExecutor(max_workers=len(engine.slots), thread_name_prefix="l3zh-slot")
@@ -323,7 +322,7 @@ class Api:
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": e.model_name,
                              "choices": [choice], "usage": usage_data})
 
-    async def _generate(self, job: Job) -> AsyncIterator[str]:
+    async def _generate(self, job: Job) -> AsyncGenerator[str, None]:
         """Hold a slot, run the job in a worker thread, yield its text as it comes."""
         e = self.engine
         loop = asyncio.get_running_loop()
@@ -367,7 +366,7 @@ class Api:
                 e.stats.completed += 1
 
     async def _events(self, job: Job, rid: str, created: int, *, chat: bool, include_usage: bool
-                      ) -> AsyncIterator[bytes]:
+                      ) -> AsyncGenerator[bytes, None]:
         model = self.engine.model_name
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -409,7 +408,7 @@ def _usage(job: Job) -> dict:
 
 def create_app(engine: Engine, *, api_key: str | None = None, page: bool = True) -> Starlette:
     """The ASGI app serving `engine`: the OpenAI-compatible API, /health, and (with page=True) the chat page."""
-    api = Api(engine, api_key=api_key, page=page)
+    api = Api(engine, api_key=api_key)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(f"no such endpoint: {request.method} {request.url.path}", 404, code="not_found")
