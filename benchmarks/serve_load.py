@@ -4,9 +4,12 @@ N concurrent clients (1, 4, 8) each send R streaming chat requests (loopback onl
 --max-tokens tokens: the end-of-turn and other control tokens are banned with logit_bias on both servers, so both
 do the same work). For each server and client count: generated tokens per second over the phase, p50 and p95 time
 to first token (request sent -> first text received), failed requests. Phases alternate A B B A between the two
-servers so that a change of load on a shared machine does not favour either; the figures are the mean of the two.
+servers so that a change of load on a shared machine does not favour either (--rounds times); tokens/s is the median
+over a server's phases. CPU time per generated token (the server process, all threads) is also reported: on a busy
+machine it varies far less than wall-clock speed.
 
     python benchmarks/serve_load.py [--gguf FILE] [--threads 1] [--clients 1,4,8] [--requests 2] [--max-tokens 64]
+                                    [--rounds 2]
 
 Without --gguf it uses the demo model (SmolLM2-135M-Instruct) quantized to q4_k_m. Needs llama-cpp-python's
 server extra for the baseline (pip install "llama-cpp-python[server]" fastapi sse-starlette starlette-context
@@ -160,11 +163,12 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--requests", type=int, default=2, help="requests per client per phase")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="A B B A rounds per client count")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    if max(levels) > 16 or args.requests > 8:
-        parser.error("at most 16 clients and 8 requests each: this benchmark stays small")
+    if max(levels) > 16 or args.requests > 8 or args.rounds > 4:
+        parser.error("at most 16 clients, 8 requests each and 4 rounds: this benchmark stays small")
 
     from llama_cpp import Llama
 
@@ -203,7 +207,7 @@ def main() -> int:
         for name in names:  # warm-up: page in the weights, first allocations
             run_phase(name, servers[name][0], 1, 1, 8, bias)
         for clients in levels:
-            for name in (names[0], names[1], names[1], names[0]):  # A B B A
+            for name in (names[0], names[1], names[1], names[0]) * args.rounds:  # A B B A
                 port, proc = servers[name]
                 phase = run_phase(name, port, clients, args.requests, args.max_tokens, bias, proc.pid)
                 results.setdefault((name, clients), []).append(phase)
@@ -224,15 +228,17 @@ def main() -> int:
              f"GGUF: {args.gguf.name} ({args.gguf.stat().st_size / 2**20:.1f} MiB), {args.threads} thread(s) per "
              f"server, context {args.ctx}, one slot each (l3zh-local serve --parallel 1; llama-cpp-python's server "
              f"has one model behind a lock). Each client sends {args.requests} streaming chat requests of "
-             f"{args.max_tokens} generated tokens; phases ran A B B A, figures are the mean of both runs.", "",
+             f"{args.max_tokens} generated tokens; phases ran A B B A ({args.rounds} round(s)); tokens/s is the "
+             "median over a server's phases, TTFT percentiles over all its requests, CPU time per token over all "
+             "its phases (the server process, all threads).", "",
              "| clients | server | tokens/s | ratio | p50 TTFT (s) | p95 TTFT (s) | CPU ms/token | requests | failed |",
              "|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for clients in levels:
-        base = statistics.mean(p.throughput for p in results[(names[1], clients)])
+        base = statistics.median(p.throughput for p in results[(names[1], clients)])
         for name in names:
             phases = results[(name, clients)]
-            tput = statistics.mean(p.throughput for p in phases)
+            tput = statistics.median(p.throughput for p in phases)
             ttft = [x for p in phases for x in p.ttft]
             failed = sum(len(p.failed) for p in phases)
             total = len(phases) * clients * args.requests
