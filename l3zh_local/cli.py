@@ -123,6 +123,8 @@ def _print_export_summary(result, ollama_name: str | None) -> None:
     click.echo(f"  Beside each GGUF: <name>.Modelfile (Ollama), <name>.preset.json and <name>.legacy.preset.json "
                f"(LM Studio), chat template {result.family.name}.")
     click.echo(f"\nTry it:  l3zh-local chat {first}")
+    click.echo(f"Serve:   l3zh-local serve {first}   (elsewhere: {first.stem}.llama-server.sh, "
+               f"{first.stem}.model.yaml; vLLM: {result.base_gguf.name.rsplit('.', 2)[0]}.vllm/serve.sh)")
     from .deploy import install_hint, ollama_create
 
     if ollama_name:
@@ -463,11 +465,28 @@ def modelfiles_cmd(out):
               help="Also check long context at N tokens: logits past the trained context against the reference, "
                    "and a pass-key retrieval probe on both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, long_ctx, as_json):
+@click.option("--endpoint", help="Check the OpenAI-compatible server at this URL against GGUF's (or an HF "
+                                 "folder's) chat family instead (l3zh-local serve, llama-server, Ollama, LM Studio, "
+                                 "vLLM).")
+@click.option("--model", "endpoint_model", help="With --endpoint: the model name to ask for (default: the only one).")
+@click.option("--api-key", envvar="L3ZH_API_KEY", help="With --endpoint: the server's API key.")
+@click.option("--min-ctx", type=int, help="With --endpoint: the context the server must offer (default: the "
+                                          "export's manifest or the model's recipe).")
+def verify_cmd(gguf, ref, quant_type, family, stop_mode, checks, max_eval_tokens, threads, long_ctx, as_json, endpoint,
+               endpoint_model, api_key, min_ctx):
     """Check GGUF against its reference: tokenizer, template, EOS, quality (KLD, same top, PPL), stop.
+
+    With --endpoint URL, check a running server instead: prompt token counts, finish_reason, stop-token text,
+    streamed UTF-8 and advertised context, against GGUF's (or an HF folder's) chat family.
 
     Exit status 0 when every check passes, 1 when one fails.
     """
+    if endpoint:
+        from .verify.endpoint import verify_endpoint
+
+        report = verify_endpoint(endpoint, gguf, model=endpoint_model, api_key=api_key, min_ctx=min_ctx)
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if as_json else report.table())
+        sys.exit(0 if report.passed else 1)
     from .verify import verify_gguf
 
     report = verify_gguf(gguf, ref=ref, quant_type=quant_type, family=family, stop_mode=stop_mode,
@@ -522,6 +541,44 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
         click.echo()
     else:
         run_terminal_chat(session, title=gguf.name, stats=stats)
+
+
+# -- serve -------------------------------------------------------------------------------------------------------
+
+@main.command("serve")
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (any other than loopback exposes the model: use --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port (0: any free port).")
+@click.option("--ctx", type=click.IntRange(16), default=DEFAULT_CTX, show_default=True,
+              help="Context tokens per slot.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests generated at once; each slot is a llama.cpp context with its own KV cache.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads per slot (default: physical cores / slots).")
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (GPU builds only).")
+@click.option("--api-key", envvar="L3ZH_API_KEY", help="Require 'Authorization: Bearer KEY' (also $L3ZH_API_KEY).")
+@click.option("--template-file", type=click.Path(path_type=Path),
+              help="A Jinja chat template to use instead of the GGUF's own.")
+@click.option("--name", "model_name", help="Model id to report (default: the GGUF's file name).")
+@click.option("--no-page", is_flag=True, help="Do not serve the chat page at /.")
+@click.option("--quiet", is_flag=True, help="No access log.")
+def serve_cmd(gguf, host, port, ctx, parallel, threads, gpu_layers, api_key, template_file, model_name, no_page,
+              quiet):
+    """Serve GGUF with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)
+    and a chat page at /.
+
+    \b
+    l3zh-local serve dist/smollm2-135m-instruct.q4_k_m.gguf
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "你好"}]}'
+    """
+    from .serve import serve
+
+    serve(gguf, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, gpu_layers=gpu_layers,
+          api_key=api_key, template_file=template_file, model_name=model_name, page=not no_page,
+          access_log=not quiet, log=lambda line: click.echo(line, err=line.startswith("Warning")))
 
 
 if __name__ == "__main__":

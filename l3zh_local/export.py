@@ -20,6 +20,7 @@ from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
 from .manifest import Manifest, fingerprint_folder, step_key
 from .quantize import QuantType, quantize
+from .serve.bundles import vllm_source, write_bundles
 
 # The temporary merged HF folder of `export --adapter`, under the output folder; removed once converted.
 MERGED_SUFFIX = ".merged-hf.tmp"
@@ -245,6 +246,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     for gguf in (base, *targets.values()):
         written[gguf.name] = deploy.write_deploy_files(gguf, family, model_name, num_ctx)
         manifest.data["files"][gguf.name]["deploy_files"] = [p.name for p in written[gguf.name]]
+        # To serve it elsewhere: llama-server command, LM Studio model.yaml; beside the 16-bit GGUF, vLLM's files.
+        manifest.data["files"][gguf.name]["serve_files"] = [str(p.relative_to(out)) for p in write_bundles(
+            gguf, family, model_name, num_ctx, vllm=vllm_source(source, opts.adapter) if gguf == base else None)]
     manifest.save()
     failed: list[str] = []
     if opts.verify:

@@ -14,6 +14,8 @@ first turn. The legacy format cannot merge consecutive messages of one role eith
 
 from __future__ import annotations
 
+import json
+
 from ..templates import ChatFamily
 
 
@@ -80,3 +82,47 @@ def install_hint(gguf_name: str, model_name: str) -> str:
         f"LM Studio: copy the presets to ~/.lmstudio/config-presets/ and the model to "
         f"~/.lmstudio/models/l3zh-local/{model_name}/{gguf_name} (or run: lms import {gguf_name})"
     )
+
+
+def model_yaml(family: ChatFamily, model_name: str, gguf_name: str, num_ctx: int) -> str:
+    """LM Studio's ``model.yaml`` for one GGUF: the context length in the load config, the family's template,
+    stops and sampling in the operation config (a preset cannot carry load settings; a model.yaml can).
+
+    The base key names the folder `install_hint` tells the user to copy the GGUF into (there is no download
+    source: the GGUF is local). Strings are written as JSON
+    strings, which YAML reads as double-quoted scalars, so templates keep every character.
+    """
+    preset = current_preset(family, model_name, num_ctx)
+    safe = preset_identifier(model_name).removeprefix("@local:")
+
+    def value(data, indent: int) -> list[str]:
+        pad = " " * indent
+        if isinstance(data, dict):
+            lines = []
+            for key, item in data.items():
+                if isinstance(item, (dict, list)) and item:
+                    lines += [f"{pad}{key}:", *value(item, indent + 2)]
+                else:
+                    lines.append(f"{pad}{key}: {json.dumps(item, ensure_ascii=False)}")
+            return lines
+        if isinstance(data, list):
+            lines = []
+            for item in data:
+                inner = value(item, indent + 2) if isinstance(item, (dict, list)) and item else [
+                    f"{pad}  {json.dumps(item, ensure_ascii=False)}"]
+                lines.append(f"{pad}- {inner[0].lstrip()}")
+                lines += inner[1:]
+            return lines
+        return [f"{pad}{json.dumps(data, ensure_ascii=False)}"]
+
+    document = {
+        "model": f"l3zh-local/{safe}",
+        # No download source: LM Studio finds the concrete model by this key in its models folder.
+        "base": [{"key": f"l3zh-local/{model_name}", "sources": []}],
+        "metadataOverrides": {"domain": "llm", "compatibilityTypes": ["gguf"]},
+        "config": {"operation": preset["operation"], "load": preset["load"]},
+    }
+    header = [f"# LM Studio model.yaml written by l3zh-local for {gguf_name} (chat family {family.name}).",
+              f"# Copy the GGUF to ~/.lmstudio/models/l3zh-local/{model_name}/ as install_hint says; this file sets",
+              "# its context length (load config) and its template, stops and sampling (operation config)."]
+    return "\n".join(header + value(document, 0)) + "\n"

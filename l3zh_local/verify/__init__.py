@@ -13,6 +13,8 @@ Checks, each a row of the report:
 - ``stop``: a short greedy chat ends with a stop token within a bounded number of tokens and emits no template
   text (on an untrained model the stop is forced through the logits instead, and the report says so).
 
+`verify_endpoint` (``verify --endpoint``) checks a running OpenAI-compatible server instead; see endpoint.py.
+
 Everything that loads the GGUF runs in a child process (``python -c``), so a native abort of llama.cpp (SIGABRT on
 a broken vocabulary) becomes a failed check naming the signal, never a dead CLI.
 """
@@ -21,8 +23,9 @@ from __future__ import annotations
 
 
 from .checks import ALL_CHECKS, SAMPLE_CHATS, verify_gguf
+from .endpoint import verify_endpoint
 from .report import FAIL, PASS, SKIP, WARN, CheckResult, VerifyReport
 from .thresholds import QualityThreshold, default_threshold
 
 __all__ = ["ALL_CHECKS", "FAIL", "PASS", "SAMPLE_CHATS", "SKIP", "WARN", "CheckResult", "QualityThreshold",
-           "VerifyReport", "default_threshold", "verify_gguf"]
+           "VerifyReport", "default_threshold", "verify_endpoint", "verify_gguf"]
