@@ -551,8 +551,10 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
               help="Address to listen on (any other than loopback exposes the model: use --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port (0: any free port).")
-@click.option("--ctx", type=click.IntRange(16), default=DEFAULT_CTX, show_default=True,
-              help="Context tokens per slot.")
+@click.option("--ctx", default=str(DEFAULT_CTX), show_default=True,
+              help="Context tokens per slot, or auto: the largest the free memory holds, shared out among the slots.")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type: q8_0 halves its memory, q4_0 quarters it (both turn flash attention on).")
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests generated at once; each slot is a llama.cpp context with its own KV cache.")
 @click.option("--threads", type=click.IntRange(1), default=None,
@@ -564,7 +566,7 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
 @click.option("--name", "model_name", help="Model id to report (default: the GGUF's file name).")
 @click.option("--no-page", is_flag=True, help="Do not serve the chat page at /.")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve_cmd(gguf, host, port, ctx, parallel, threads, gpu_layers, api_key, template_file, model_name, no_page,
+def serve_cmd(gguf, host, port, ctx, kv_type, parallel, threads, gpu_layers, api_key, template_file, model_name, no_page,
               quiet):
     """Serve GGUF with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)
     and a chat page at /.
@@ -576,7 +578,7 @@ def serve_cmd(gguf, host, port, ctx, parallel, threads, gpu_layers, api_key, tem
     """
     from .serve import serve
 
-    serve(gguf, host=host, port=port, ctx=ctx, parallel=parallel, threads=threads, gpu_layers=gpu_layers,
+    serve(gguf, host=host, port=port, ctx=ctx, kv_type=kv_type, parallel=parallel, threads=threads, gpu_layers=gpu_layers,
           api_key=api_key, template_file=template_file, model_name=model_name, page=not no_page,
           access_log=not quiet, log=lambda line: click.echo(line, err=line.startswith("Warning")))
 

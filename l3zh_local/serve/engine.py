@@ -283,19 +283,27 @@ class LoadedModel:
     load_s: float
 
 
-def load_engine(gguf: Path, *, n_ctx: int, parallel: int = 1, threads: int | None = None, gpu_layers: int = 0,
-                model_name: str | None = None, template: str | None = None,
+def load_engine(gguf: Path, *, n_ctx: int | str, parallel: int = 1, threads: int | None = None, gpu_layers: int = 0,
+                kv_type: str = "f16", model_name: str | None = None, template: str | None = None,
                 family: ChatFamily | None = None) -> tuple[Engine, LoadedModel]:
-    """Load `parallel` contexts of `gguf` (each `n_ctx` tokens, sharing the memory-mapped weights) and a vocabulary."""
+    """Load `parallel` contexts of `gguf` (each `n_ctx` tokens, sharing the memory-mapped weights) and a vocabulary.
+
+    n_ctx "auto": the largest context the free memory holds (chat.resolve_context), shared out among the slots.
+    """
+    from ..chat import resolve_context
     from ..hardware import physical_cores
 
     if parallel < 1:
         raise InputError("--parallel must be at least 1")
-    if n_ctx < 16:
+    tokens, auto = resolve_context(Path(gguf), n_ctx, kv_type)
+    if auto is not None:  # each slot has a KV cache of its own: the memory that fits one context serves all
+        tokens = max(256, tokens // parallel // 256 * 256)
+    if tokens < 16:
         raise InputError("--ctx must be at least 16 tokens")
     threads = threads or max(1, physical_cores() // parallel)
     started = time.monotonic()
-    llms = [load_model(Path(gguf), n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers) for _ in range(parallel)]
+    llms = [load_model(Path(gguf), n_ctx=tokens, kv_type=kv_type, threads=threads, gpu_layers=gpu_layers)
+            for _ in range(parallel)]
     name = model_name or Path(gguf).name.removesuffix(".gguf")
     # Tokenizing reads only the vocabulary, never the context, so the event loop may tokenize with slot 0's model
     # while that slot generates (llama-server tokenizes in its HTTP threads the same way).

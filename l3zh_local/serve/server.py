@@ -58,14 +58,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(gguf: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ctx: int = DEFAULT_CTX,
-          parallel: int = 1, threads: int | None = None, gpu_layers: int = 0, api_key: str | None = None,
+def serve(gguf: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ctx: int | str = DEFAULT_CTX,
+          kv_type: str = "f16", parallel: int = 1, threads: int | None = None, gpu_layers: int = 0, api_key: str | None = None,
           template_file: str | Path | None = None, model_name: str | None = None, page: bool = True,
           log: Callable[[str], None] = print, access_log: bool = True,
           ready: Callable[[str], None] | None = None) -> None:
     """Serve `gguf` over HTTP (OpenAI-compatible API and chat page) until SIGTERM/SIGINT; return after draining.
 
-    ctx: context tokens per slot. parallel: slots, each a llama.cpp context of its own (memory: one KV cache of
+    ctx: context tokens per slot, or "auto" (what the free memory holds, shared out among the slots). kv_type:
+    the KV cache's type (f16, q8_0, q4_0). parallel: slots, each a llama.cpp context of its own (memory: one KV cache of
     `ctx` tokens each; the weights are shared). template_file: a Jinja chat template to use instead of the GGUF's
     own. ready: called with the base URL once the server accepts connections.
     """
@@ -84,7 +85,7 @@ def serve(gguf: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ctx: i
         if warning:
             log(warning)
         engine, loaded = load_engine(Path(gguf), n_ctx=ctx, parallel=parallel, threads=threads,
-                                     gpu_layers=gpu_layers, template=template, family=family)
+                                     gpu_layers=gpu_layers, kv_type=kv_type, template=template, family=family)
         if model_name:
             engine.model_name = model_name
         bound = sock.getsockname()
