@@ -74,8 +74,10 @@ def _emit_json(data) -> None:
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip checking each GGUF against its reference.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
+@click.option("--no-wait", "no_wait", is_flag=True,
+              help="If another export is writing into --out, stop at once (exit 2) instead of waiting for it.")
 def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
-           calibration, template, template_file, num_ctx, ollama_name, skip_verify, force, as_json):
+           calibration, template, template_file, num_ctx, ollama_name, skip_verify, force, as_json, no_wait):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -89,7 +91,7 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
                          outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
                          llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
                          calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx,
-                         adapter=adapter, verify=not skip_verify)
+                         adapter=adapter, verify=not skip_verify, wait=not no_wait)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_export(opts, log=log)
     if as_json:
@@ -242,7 +244,9 @@ def doctor(as_json):
     except Exception as exc:  # doctor reports, it does not fail
         problems.append(f"llama_cpp does not load: {exc}")
     stamp = settings.cache_dir() / "llama.cpp"
-    report["converter_cached"] = sorted(p.name for p in stamp.iterdir()) if stamp.is_dir() else []
+    # Dot names are locks and unfinished fetches, not converters.
+    report["converter_cached"] = (sorted(p.name for p in stamp.iterdir() if not p.name.startswith("."))
+                                  if stamp.is_dir() else [])
     override = settings.llama_cpp_override()
     if override is not None:
         report["llama_cpp_checkout"] = str(override)

@@ -31,3 +31,7 @@ class DiskSpaceError(L3zhError):
 
 class OutputExists(L3zhError):
     """An output file is already there and --force was not given."""
+
+
+class Busy(L3zhError):
+    """Another l3zh-local process holds the output folder or cache entry, and --no-wait was given."""

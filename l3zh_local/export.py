@@ -6,6 +6,7 @@ from an earlier run, and records everything in manifest.json.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import convert, deploy, ggufmeta, hfmodel, imatrix, recipes, sources, templates, toolchain
+from . import convert, deploy, ggufmeta, hfmodel, imatrix, locks, recipes, sources, templates, toolchain
 from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
 from .hfmodel import estimate_gguf_bytes
@@ -22,6 +23,8 @@ from .quantize import QuantType, quantize
 
 # The temporary merged HF folder of `export --adapter`, under the output folder; removed once converted.
 MERGED_SUFFIX = ".merged-hf.tmp"
+# Held by the export writing into a folder (with the holder's pid beside it, in EXPORT_LOCK + ".pid").
+EXPORT_LOCK = ".l3zh-export.lock"
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ExportOptions:
     num_ctx: int | None = None  # context the deployment files ask for; default from the recipe or the model
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id) merged into the source first
     verify: bool = True  # check every GGUF against its reference (verify.py) and record the verdicts
+    wait: bool = True  # when another export holds the output folder: wait for it (else refuse with Busy)
 
 
 @dataclass
@@ -76,6 +80,11 @@ def file_stem(source: sources.ModelSource, info: hfmodel.ModelInfo, name: str | 
 
 
 def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
+    with contextlib.ExitStack() as held:  # the output folder's lock, taken once the inputs are checked
+        return _run_export(opts, log, held)
+
+
+def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextlib.ExitStack) -> ExportResult:
     source = sources.resolve(opts.source, revision=opts.revision, allow_pickle=opts.allow_pickle)
     if source.is_demo:
         log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
@@ -84,6 +93,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     adapter, adapter_record = _resolve_adapter(opts)
     tools = toolchain.llama_cpp(opts.llama_cpp)
     out = ensure_writable_dir(opts.out)
+    # Another export into this folder would delete our *.partial files and race on the manifest: one at a time.
+    # Everything below reads the folder and its manifest only once the lock is held.
+    held.enter_context(locks.hold(out / EXPORT_LOCK, f"output folder {out}", wait=opts.wait, log=log))
     stem = file_stem(source, info, opts.name, adapter)
     outtype = convert.resolve_outtype(info, opts.outtype)
     recipe = _recipe_for(source)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import settings
+from . import locks, settings
 from .errors import InputError
 
 # Meta's own Llama-3 instruct template (as published with Meta-Llama-3-8B-Instruct).
@@ -69,6 +69,14 @@ def tiny_llama3(dest: Path | None = None, *, dtype: str = "bfloat16", seed: int 
     dest = Path(dest) if dest else settings.cache_dir() / "fixtures" / f"tiny-llama3-{TINY_LLAMA3_VERSION}-{dtype}"
     if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
         return dest
+    # Test processes running side by side (pytest -n, two sessions) build it once; the others wait and reuse it.
+    with locks.hold(locks.lock_path_for(dest), f"the test fixture cache {dest}"):
+        if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+            return dest
+        return _build_tiny_llama3(dest, dtype, seed)
+
+
+def _build_tiny_llama3(dest: Path, dtype: str, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import settings
+from . import locks, settings
 from .errors import OfflineError, ToolchainError
 from .files import sha256_file
 
@@ -88,7 +88,10 @@ def llama_cpp(checkout: Path | None = None) -> LlamaCpp:
     root = settings.cache_dir() / "llama.cpp" / version
     stamp = root / ".complete.json"
     if not stamp.is_file():
-        _install_from_sdist(version, root)
+        # One process fetches and unpacks; another one waits, then finds the tree complete.
+        with locks.hold(locks.lock_path_for(root), f"the llama.cpp converter cache {root}"):
+            if not stamp.is_file():
+                _install_from_sdist(version, root)
     info = json.loads(stamp.read_text())
     return LlamaCpp(root=root, source="sdist", runtime_version=version, sdist_sha256=info.get("sdist_sha256"))
 

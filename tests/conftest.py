@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l3zh_local import fixtures, hfmodel, toolchain
+from l3zh_local import demo, fixtures, hfmodel, toolchain
 from l3zh_local.convert import convert_to_gguf
 
 
@@ -25,3 +25,9 @@ def tiny_llama3_gguf(tiny_llama3_dir, tools, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny.bf16.gguf"
     convert_to_gguf(hfmodel.inspect_model(tiny_llama3_dir), out, tools=tools)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    """The embedded demo model (SmolLM2-135M-Instruct) as an HF folder; cached across sessions."""
+    return demo.demo_model_dir()
