@@ -150,3 +150,21 @@ def test_two_exports_into_one_folder_both_finish_and_share_the_work(demo_dir, tm
     assert not list(out.glob("*.partial")) and not list(out.glob("*.log"))
     assert not (out / (EXPORT_LOCK + ".pid")).exists()
 
+
+def test_the_converter_cache_waits_for_another_process_filling_it(tmp_path, monkeypatch, capsys):
+    from test_sdist_pin import VERSION, fake_sdist, sha256
+
+    from l3zh_local import toolchain
+
+    sdist = fake_sdist(tmp_path / "sdist.tar.gz")
+    monkeypatch.setitem(toolchain.SDIST_SHA256, VERSION, sha256(sdist))  # the tests run offline
+    monkeypatch.setenv("L3ZH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("L3ZH_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("L3ZH_LLAMA_CPP_SDIST", str(sdist))
+    root = tmp_path / "cache" / "llama.cpp" / VERSION
+    holder = start_holder(locks.lock_path_for(root), seconds=1.5)
+    tools = toolchain.llama_cpp()
+    assert (f"Waiting for another l3zh-local (pid {holder.pid}), which is using the llama.cpp converter cache "
+            f"{root}...") in capsys.readouterr().err
+    assert tools.converter.is_file()
+    holder.wait()
