@@ -13,20 +13,22 @@ import click
 
 from . import __version__
 from .errors import L3zhError
+from .interrupts import EXIT_CODES, Terminated, stop_on_signals
 
 
 class _Group(click.Group):
-    """Turn our errors into one line and exit 2; Ctrl-C into one line and exit 130."""
+    """Turn our errors into one line and exit 2; Ctrl-C into one line and exit 130 (SIGTERM: 143)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with stop_on_signals():
+                return super().invoke(ctx)
         except L3zhError as err:
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stop:
             click.echo("Interrupted: nothing half-written was left under a final name.", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_CODES[type(stop)])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

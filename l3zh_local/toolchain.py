@@ -8,18 +8,15 @@ it (``--llama-cpp DIR`` or ``L3ZH_LLAMA_CPP``): their choice, recorded as such i
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +24,7 @@ from typing import TextIO
 from . import locks, settings
 from .errors import OfflineError, ToolchainError
 from .files import sha256_file
+from .interrupts import wait_or_kill
 
 RUNTIME_PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -214,11 +212,7 @@ def run_converter(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         stop = watch_file_growth(outfile, expected_bytes, f"convert to {outtype}")
         try:
-            proc.wait()
-        except BaseException:  # Ctrl-C: take the converter down with us
-            proc.kill()
-            proc.wait()
-            raise
+            wait_or_kill(proc)  # Ctrl-C or SIGTERM: take the converter down with us
         finally:
             stop.set()
     if proc.returncode != 0:
@@ -250,45 +244,6 @@ def quiet_libllama() -> None:
     from llama_cpp import _logger
 
     _logger.set_verbose(os.environ.get("L3ZH_VERBOSE") == "1")
-
-
-@contextlib.contextmanager
-def native_stderr_to(log_path: Path) -> Iterator[TextIO]:
-    """Send file descriptor 2, where libllama prints directly, into `log_path`.
-
-    Yields a stream on the real terminal, for progress bars while the redirection lasts.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(log_path, "w") as log:
-        os.dup2(log.fileno(), 2)
-    try:
-        with os.fdopen(os.dup(saved), "w") as terminal:
-            yield terminal
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C until a native call returns, then raise KeyboardInterrupt.
-
-    libllama calls back into Python to log; a KeyboardInterrupt raised inside such a callback is swallowed by
-    ctypes, and the work would silently go on. Recording the signal and raising afterwards keeps Ctrl-C working.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _last_error_line(log_path: Path) -> str:
