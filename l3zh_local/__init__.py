@@ -20,6 +20,7 @@ builtin (`InputError` is a `ValueError`, `OutputExists` a `FileExistsError`, ...
 from ._version import __version__
 from .chat import ChatSession, chat
 from .errors import (
+    Busy,
     DiskSpaceError,
     InputError,
     L3zhError,
@@ -36,7 +37,7 @@ from .templates import ChatFamily, Sampling, get_family, list_families
 from .verify import VerifyReport, verify_endpoint, verify_gguf
 
 __all__ = [
-    "ChatFamily", "ChatPrompt", "ChatSession", "DiskSpaceError", "ExportResult", "InputError", "L3zhError",
+    "Busy", "ChatFamily", "ChatPrompt", "ChatSession", "DiskSpaceError", "ExportResult", "InputError", "L3zhError",
     "MergeReport", "OfflineError", "OutputExists", "QuantType", "Sampling", "ToolchainError",
     "UnsupportedArchitecture", "VerifyReport", "chat", "export", "get_family", "list_families", "merge_lora",
     "__version__", "quant_types", "verify_endpoint", "verify_gguf",

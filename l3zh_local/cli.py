@@ -14,23 +14,25 @@ import click
 from ._version import __version__
 from .chat import DEFAULT_CTX
 from .errors import L3zhError
+from .interrupts import EXIT_CODES, Terminated, stop_on_signals
 from .templates import Sampling
 
 _SAMPLING = Sampling()  # shown in --help; the values used come from the GGUF's chat family
 
 
 class _Group(click.Group):
-    """Turn our errors into one line and exit 2; Ctrl-C into one line and exit 130."""
+    """Turn our errors into one line and exit 2; Ctrl-C into one line and exit 130 (SIGTERM: 143)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with stop_on_signals():
+                return super().invoke(ctx)
         except L3zhError as err:
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stop:
             click.echo("Interrupted: nothing half-written was left under a final name.", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_CODES[type(stop)])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,9 +87,11 @@ def _emit_json(data) -> None:
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip checking each GGUF against its reference.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
+@click.option("--no-wait", "no_wait", is_flag=True,
+              help="If another export is writing into --out, stop at once (exit 2) instead of waiting for it.")
 def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
            calibration, template, template_file, num_ctx, gguf_ctx, rope_theta, ollama_name, skip_verify, force,
-           as_json):
+           as_json, no_wait):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -98,9 +102,8 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run(model, quants=quants, out=out, adapter=adapter, template=template, template_file=template_file,
                  imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, ctx=gguf_ctx,
-                 rope_theta=rope_theta, name=name,
-                 revision=revision, threads=threads, verify=not skip_verify, force=force, allow_pickle=allow_pickle,
-                 llama_cpp=llama_cpp, log=log)
+                 rope_theta=rope_theta, name=name, revision=revision, threads=threads, verify=not skip_verify,
+                 force=force, wait=not no_wait, allow_pickle=allow_pickle, llama_cpp=llama_cpp, log=log)
     if as_json:
         _emit_json(result.manifest.data)
     else:
@@ -297,7 +300,9 @@ def doctor(model_path, as_json):
     except Exception as exc:  # doctor reports, it does not fail
         problems.append(f"llama_cpp does not load: {exc}")
     stamp = settings.cache_dir() / "llama.cpp"
-    report["converter_cached"] = sorted(p.name for p in stamp.iterdir()) if stamp.is_dir() else []
+    # Dot names are locks and unfinished fetches, not converters.
+    report["converter_cached"] = (sorted(p.name for p in stamp.iterdir() if not p.name.startswith("."))
+                                  if stamp.is_dir() else [])
     override = settings.llama_cpp_override()
     if override is not None:
         report["llama_cpp_checkout"] = str(override)

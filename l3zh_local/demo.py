@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import settings
+from . import locks, settings
 from .errors import InputError
 
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
@@ -41,7 +41,14 @@ def demo_model_dir() -> Path:
     if (dest / ".complete").is_file():
         return dest
     source = packaged_gguf()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds it; another one waits, then finds it complete (and must not replace it while in use).
+    with locks.hold(locks.lock_path_for(dest), f"the demo model cache {dest}"):
+        if not (dest / ".complete").is_file():
+            _build(source, dest)
+    return dest
+
+
+def _build(source: Path, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".build-") as tmp:
         work = Path(tmp) / "model"
         _write_weights(source, work)
@@ -50,7 +57,6 @@ def demo_model_dir() -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(work, dest)
-    return dest
 
 
 def _write_weights(gguf_path: Path, out: Path) -> None:

@@ -35,3 +35,7 @@ class DiskSpaceError(L3zhError, OSError):
 
 class OutputExists(L3zhError, FileExistsError):
     """An output file is already there and --force was not given."""
+
+
+class Busy(L3zhError, BlockingIOError):
+    """Another l3zh-local process holds the output folder or cache entry, and --no-wait was given."""

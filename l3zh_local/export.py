@@ -6,6 +6,7 @@ from an earlier run, and records everything in manifest.json.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import (
-    context, convert, deploy, ggufmeta, hardware, hfmodel, imatrix, memory, recipes, sources, templates, toolchain,
+    context, convert, deploy, ggufmeta, hardware, hfmodel, imatrix, locks, memory, recipes, sources, templates,
+    toolchain,
 )
 from .errors import InputError, OutputExists
 from .files import PARTIAL_SUFFIX, ensure_free_space, ensure_writable_dir, human_size, sha256_file
@@ -24,6 +26,8 @@ from .serve.bundles import vllm_source, write_bundles
 
 # The temporary merged HF folder of `export --adapter`, under the output folder; removed once converted.
 MERGED_SUFFIX = ".merged-hf.tmp"
+# Held by the export writing into a folder (with the holder's pid beside it, in EXPORT_LOCK + ".pid").
+EXPORT_LOCK = ".l3zh-export.lock"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ExportOptions:
     rope_theta: float | None = None  # RoPE base the GGUF declares (llama.rope.freq_base): the seed's trick
     adapter: str | None = None  # a PEFT LoRA adapter (folder or hub id) merged into the source first
     verify: bool = True  # check every GGUF against its reference (verify.py) and record the verdicts
+    wait: bool = True  # when another export holds the output folder: wait for it (else refuse with Busy)
 
 
 @dataclass
@@ -98,6 +103,7 @@ def export(
     threads: int = 0,
     verify: bool = True,
     force: bool = False,
+    wait: bool = True,
     allow_pickle: bool = False,
     llama_cpp: str | Path | None = None,
     log: Callable[[str], None] = print,
@@ -111,7 +117,8 @@ def export(
     verify: check every GGUF against its reference (`ExportResult.failed_verification` lists those that failed).
     ctx / rope_theta: the context length and RoPE base the GGUF declares instead of the model's (the seed's 32K
     trick: ctx=32768, rope_theta=1e6); ctx also becomes the deployment files' context unless num_ctx is given.
-    force: redo every step and overwrite outputs. Everything else as the CLI's ``l3zh-local export --help``.
+    force: redo every step and overwrite outputs. wait: when another export holds `out`, wait for it (False: raise
+    `Busy` at once). Everything else as the CLI's ``l3zh-local export --help``.
     """
     from .quantize import parse_quant_list
 
@@ -124,13 +131,18 @@ def export(
         imatrix="auto" if imatrix is None else ("on" if imatrix else "off"),
         calibration=Path(calibration) if calibration else None, template=template,
         template_file=Path(template_file) if template_file else None, num_ctx=num_ctx, ctx=ctx, rope_theta=rope_theta,
-        adapter=str(adapter) if adapter else None, verify=verify,
+        adapter=str(adapter) if adapter else None, verify=verify, wait=wait,
     )
     return run_export(opts, log=log)
 
 
 def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
     """The pipeline on already-validated options (`export` builds them from plain arguments)."""
+    with contextlib.ExitStack() as held:  # the output folder's lock, taken once the inputs are checked
+        return _run_export(opts, log, held)
+
+
+def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextlib.ExitStack) -> ExportResult:
     source = sources.resolve(opts.source, revision=opts.revision, allow_pickle=opts.allow_pickle)
     if source.is_demo:
         log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
@@ -139,6 +151,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Expor
     adapter, adapter_record = _resolve_adapter(opts)
     tools = toolchain.llama_cpp(opts.llama_cpp)
     out = ensure_writable_dir(opts.out)
+    # Another export into this folder would delete our *.partial files and race on the manifest: one at a time.
+    # Everything below reads the folder and its manifest only once the lock is held.
+    held.enter_context(locks.hold(out / EXPORT_LOCK, f"output folder {out}", wait=opts.wait, log=log))
     stem = file_stem(source, info, opts.name, adapter)
     outtype = convert.resolve_outtype(info, opts.outtype)
     recipe = _recipe_for(source)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,10 +52,18 @@ def read_json(path: Path) -> dict:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole. The temporary name is unique to this call (two processes writing the same file never
+    share it) and still ends in PARTIAL_SUFFIX, so a killed writer's leftover is recognised as unfinished."""
     path = Path(path)
-    tmp = partial_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask, as for any file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def ensure_writable_dir(path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""GGUF quantization in-process through libllama (the C API bound by llama-cpp-python).
+"""GGUF quantization through libllama (the C API bound by llama-cpp-python), in a child process that Ctrl-C can stop.
 
 The ladder and its approximate bits per weight follow llama.cpp's quantize tool. Types that llama.cpp only makes
 well with an importance matrix are refused unless one is given (see imatrix.py: computed from calibration text).
@@ -7,11 +7,18 @@ well with an importance matrix are refused unless one is given (see imatrix.py: 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, ToolchainError
 from .files import atomic_output, ensure_free_space
+from .interrupts import wait_or_kill
 
 
 @dataclass(frozen=True)
@@ -96,43 +103,75 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
     """Quantize the GGUF `src` into `dst` (written atomically) with libllama.
 
     Returns libllama's note on tensors that fell back to another type, if any.
-    """
-    import llama_cpp
 
-    from .toolchain import deferred_interrupt, native_stderr_to, quiet_libllama, watch_file_growth
+    libllama runs in a child process: llama_model_quantize cannot be interrupted, and a model of some GB takes
+    minutes, so Ctrl-C or SIGTERM would otherwise wait for it to finish. The child is killed instead.
+    """
+    from .toolchain import watch_file_growth
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise InputError(f"{src} does not exist; give a GGUF file to quantize")
     expected = int(n_params * qtype.bits_per_weight / 8) if n_params else src.stat().st_size
     ensure_free_space(dst.parent, expected, f"the {qtype.name} GGUF")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = qtype.ftype_value
-    params.nthread = threads
     if qtype.needs_imatrix and not imatrix:
         raise InputError(f"{qtype.name} needs an importance matrix; pass one")
-    imatrix_param = None
-    if imatrix:
-        from .imatrix import ImatrixParam
-
-        imatrix_param = ImatrixParam(imatrix)  # must outlive the call below
-        params.imatrix = imatrix_param.pointer
-    quiet_libllama()
     log_path = dst.with_name(dst.name + ".log")
-    with atomic_output(dst, force=force) as tmp:
-        with native_stderr_to(log_path) as terminal:
-            stop = watch_file_growth(tmp, expected, f"quantize to {qtype.name}", stream=terminal)
-            try:
-                with deferred_interrupt():
-                    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            finally:
-                stop.set()
-        if rc != 0:
-            raise ToolchainError(f"libllama could not quantize {src.name} to {qtype.name} (code {rc}); "
+    with atomic_output(dst, force=force) as tmp, tempfile.TemporaryDirectory(prefix="l3zh-quantize-") as work:
+        request = {"src": str(src), "dst": str(tmp), "ftype": qtype.ftype, "threads": threads, "imatrix": None,
+                   "answer": str(Path(work) / "rc")}
+        if imatrix:
+            from .imatrix import save_imatrix
+
+            request["imatrix"] = str(Path(work) / "imatrix.safetensors")
+            save_imatrix(Path(request["imatrix"]), imatrix)
+        stop = watch_file_growth(tmp, expected, f"quantize to {qtype.name}")
+        try:
+            exit_code = _run_child(request, log_path)
+        finally:
+            stop.set()
+        answer = Path(request["answer"])
+        rc = int(answer.read_text()) if answer.is_file() else None
+        if exit_code != 0 or rc != 0:
+            why = (f"code {rc}" if rc is not None else
+                   f"killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exit {exit_code}")
+            raise ToolchainError(f"libllama could not quantize {src.name} to {qtype.name} ({why}); "
                                  f"is it a valid GGUF? libllama's log: {log_path}")
     note = fallback_note(log_path.read_text(errors="replace"))
     log_path.unlink(missing_ok=True)
     return note
+
+
+def _run_child(request: dict, log_path: Path) -> int:
+    package_parent = str(Path(__file__).resolve().parent.parent)  # the child imports this very l3zh_local
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    code = "import sys; from l3zh_local.quantize import _child_main; _child_main(sys.argv[1])"
+    with open(log_path, "w", encoding="utf-8") as log:  # libllama prints to fd 2: its log is the child's stderr
+        proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(request)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        return wait_or_kill(proc)
+
+
+def _child_main(request_json: str) -> None:
+    """The child process: one llama_model_quantize call; its return code goes to the answer file."""
+    import llama_cpp
+
+    from .toolchain import quiet_libllama
+
+    request = json.loads(request_json)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(getattr(llama_cpp, request["ftype"]))
+    params.nthread = request["threads"]
+    imatrix_param = None
+    if request["imatrix"]:
+        from .imatrix import ImatrixParam, load_imatrix
+
+        imatrix_param = ImatrixParam(load_imatrix(Path(request["imatrix"])))  # must outlive the call below
+        params.imatrix = imatrix_param.pointer
+    quiet_libllama()
+    rc = llama_cpp.llama_model_quantize(request["src"].encode(), request["dst"].encode(), ctypes.byref(params))
+    Path(request["answer"]).write_text(str(rc))
 
 
 def fallback_note(log: str) -> str | None:

@@ -1,31 +1,30 @@
 """The pinned llama.cpp tooling: the converter of the very llama.cpp that the installed runtime was built from.
 
 llama-cpp-python's sdist vendors llama.cpp whole. We fetch that sdist for the installed version (pip, so that
-mirrors and proxies configured for pip apply), unpack only the Python conversion tooling into the cache, and run
-the converter in a subprocess. A user's own checkout can replace it (``--llama-cpp DIR`` or ``L3ZH_LLAMA_CPP``).
+mirrors and proxies configured for pip apply), refuse it unless its sha256 is the one pinned here, unpack only the
+Python conversion tooling into the cache, and run the converter in a subprocess. A user's own checkout can replace
+it (``--llama-cpp DIR`` or ``L3ZH_LLAMA_CPP``): their choice, recorded as such in the manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import settings
+from . import locks, settings
 from .errors import OfflineError, ToolchainError
 from .files import sha256_file
+from .interrupts import wait_or_kill
 
 RUNTIME_PACKAGE = "llama-cpp-python"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -40,6 +39,11 @@ _KEEP = (
     "LICENSE",
 )
 _DOWNLOAD_TIMEOUT_S = 600
+# sha256 of each llama-cpp-python sdist we trust, by version (the file PyPI serves). The converter runs as code on
+# the user's machine: an sdist that does not match, from a mirror, a proxy or L3ZH_LLAMA_CPP_SDIST, is refused.
+SDIST_SHA256 = {
+    "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+}
 
 
 @dataclass(frozen=True)
@@ -85,24 +89,55 @@ def llama_cpp(checkout: Path | None = None) -> LlamaCpp:
             raise ToolchainError(f"{checkout} is not a llama.cpp checkout: {CONVERTER} is missing there")
         return LlamaCpp(root=checkout, source="checkout", runtime_version=version)
 
+    expected = pinned_sdist_sha256(version)
     root = settings.cache_dir() / "llama.cpp" / version
     stamp = root / ".complete.json"
-    if not stamp.is_file():
-        _install_from_sdist(version, root)
-    info = json.loads(stamp.read_text())
-    return LlamaCpp(root=root, source="sdist", runtime_version=version, sdist_sha256=info.get("sdist_sha256"))
+    if _installed_sha256(stamp) != expected:
+        # One process fetches and unpacks; another one waits, then finds the tree complete.
+        with locks.hold(locks.lock_path_for(root), f"the llama.cpp converter cache {root}"):
+            if _installed_sha256(stamp) != expected:
+                _install_from_sdist(version, root, expected)
+    return LlamaCpp(root=root, source="sdist", runtime_version=version, sdist_sha256=expected)
 
 
-def _install_from_sdist(version: str, root: Path) -> None:
+def pinned_sdist_sha256(version: str) -> str:
+    expected = SDIST_SHA256.get(version)
+    if expected is None:
+        raise ToolchainError(
+            f"l3zh-local has no pinned sha256 for the {RUNTIME_PACKAGE} {version} sdist, so it will not run its "
+            f"converter: install {RUNTIME_PACKAGE}=={' or =='.join(SDIST_SHA256)}, or set L3ZH_LLAMA_CPP to a "
+            "llama.cpp checkout you trust"
+        )
+    return expected
+
+
+def _installed_sha256(stamp: Path) -> str | None:
+    """The sdist hash a cached tree was unpacked from (None: absent, unfinished or unreadable)."""
+    try:
+        return json.loads(stamp.read_text()).get("sdist_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _install_from_sdist(version: str, root: Path, expected_sha256: str) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".fetch-") as tmp:
-        sdist = settings.sdist_override() or _download_sdist(version, Path(tmp))
+        local = settings.sdist_override()
+        sdist = local or _download_sdist(version, Path(tmp))
         if not sdist.is_file():
             raise ToolchainError(f"L3ZH_LLAMA_CPP_SDIST points at {sdist}, which does not exist")
+        actual = sha256_file(sdist)
+        if actual != expected_sha256:  # checked before a single file of it is unpacked
+            what, fix = ((f"L3ZH_LLAMA_CPP_SDIST={sdist}", "use the file PyPI serves") if local else
+                         (f"the downloaded {sdist.name}", "check pip's index or proxy settings"))
+            raise ToolchainError(
+                f"{what} is not the {RUNTIME_PACKAGE} {version} sdist l3zh-local trusts: sha256 {actual}, expected "
+                f"{expected_sha256}; {fix}, or set L3ZH_LLAMA_CPP to a llama.cpp checkout you trust"
+            )
         staging = Path(tmp) / "tree"
         _unpack(sdist, staging)
         (staging / ".complete.json").write_text(
-            json.dumps({"runtime_version": version, "sdist": sdist.name, "sdist_sha256": sha256_file(sdist)})
+            json.dumps({"runtime_version": version, "sdist": sdist.name, "sdist_sha256": actual})
         )
         if root.exists():  # a half-finished earlier attempt
             shutil.rmtree(root)
@@ -177,11 +212,7 @@ def run_converter(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         stop = watch_file_growth(outfile, expected_bytes, f"convert to {outtype}")
         try:
-            proc.wait()
-        except BaseException:  # Ctrl-C: take the converter down with us
-            proc.kill()
-            proc.wait()
-            raise
+            wait_or_kill(proc)  # Ctrl-C or SIGTERM: take the converter down with us
         finally:
             stop.set()
     if proc.returncode != 0:
@@ -213,45 +244,6 @@ def quiet_libllama() -> None:
     from llama_cpp import _logger
 
     _logger.set_verbose(os.environ.get("L3ZH_VERBOSE") == "1")
-
-
-@contextlib.contextmanager
-def native_stderr_to(log_path: Path) -> Iterator[TextIO]:
-    """Send file descriptor 2, where libllama prints directly, into `log_path`.
-
-    Yields a stream on the real terminal, for progress bars while the redirection lasts.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(log_path, "w") as log:
-        os.dup2(log.fileno(), 2)
-    try:
-        with os.fdopen(os.dup(saved), "w") as terminal:
-            yield terminal
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C until a native call returns, then raise KeyboardInterrupt.
-
-    libllama calls back into Python to log; a KeyboardInterrupt raised inside such a callback is swallowed by
-    ctypes, and the work would silently go on. Recording the signal and raising afterwards keeps Ctrl-C working.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _last_error_line(log_path: Path) -> str:

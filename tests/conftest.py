@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from l3zh_local import hfmodel, toolchain
+from l3zh_local import demo, hfmodel, toolchain
 from l3zh_local.convert import convert_to_gguf
 from support import fixtures
 
 # Every fixture that builds or converts a model depends on one of these.
-MODEL_FIXTURES = {"tools", "tiny_llama3_dir"}
+MODEL_FIXTURES = {"tools", "tiny_llama3_dir", "tiny_llama31_dir", "demo_dir"}
 
 
 def pytest_collection_modifyitems(items):
@@ -46,3 +46,9 @@ def tiny_llama3_gguf(tiny_llama3_dir, tools, tmp_path_factory):
 def tiny_llama31_dir():
     """The tiny fixture with Llama-3.1's rope_scaling (llama3) and 131072 positions; cached across sessions."""
     return fixtures.tiny_llama31()
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    """The embedded demo model (SmolLM2-135M-Instruct) as an HF folder; cached across sessions."""
+    return demo.demo_model_dir()

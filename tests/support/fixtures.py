@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from l3zh_local import settings
+from l3zh_local import locks, settings
 from l3zh_local.errors import InputError
 from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
 
@@ -82,6 +82,14 @@ def tiny_llama31(dest: Path | None = None, *, dtype: str = "bfloat16", seed: int
 def _tiny(dest: Path, *, dtype: str, seed: int, chat_template: str = META_LLAMA3_TEMPLATE, **rope) -> Path:
     if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
         return dest
+    # Test processes running side by side (pytest -n, two sessions) build it once; the others wait and reuse it.
+    with locks.hold(locks.lock_path_for(dest), f"the test fixture cache {dest}"):
+        if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+            return dest
+        return _build_tiny_llama3(dest, dtype, seed)
+
+
+def _build_tiny_llama3(dest: Path, dtype: str, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
