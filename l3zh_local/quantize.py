@@ -9,9 +9,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError, ToolchainError
 from .files import atomic_output, ensure_free_space
+
+if TYPE_CHECKING:
+    from .imatrix import ImportanceMatrix
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,10 @@ def parse_quant_list(spec: str, *, have_imatrix: bool = False) -> list[QuantType
 
 
 def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = None, threads: int = 0,
-             imatrix: dict | None = None, force: bool = False) -> str | None:
+             imatrix: ImportanceMatrix | None = None, force: bool = False) -> str | None:
     """Quantize the GGUF `src` into `dst` (written atomically) with libllama.
 
+    With `imatrix`, the GGUF also records it in the quantize.imatrix.* keys llama-quantize writes.
     Returns libllama's note on tensors that fell back to another type, if any.
     """
     import llama_cpp
@@ -112,6 +117,7 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
 
         imatrix_param = ImatrixParam(imatrix)  # must outlive the call below
         params.imatrix = imatrix_param.pointer
+        params.kv_overrides = imatrix_param.kv_overrides
     quiet_libllama()
     log_path = dst.with_name(dst.name + ".log")
     with atomic_output(dst, force=force) as tmp:
