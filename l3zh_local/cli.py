@@ -62,9 +62,12 @@ def _emit_json(data) -> None:
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
               help="Use this llama.cpp checkout's converter instead of the pinned one.")
 @click.option("--threads", type=int, default=0, help="Quantization threads (0: all cores).")
-@click.option("--imatrix/--no-imatrix", "use_imatrix", default=None,
-              help="Weigh quantization by an importance matrix computed with the HF model over calibration text "
-                   "(default: on for models up to 4B parameters).")
+@click.option("--imatrix", "imatrix_file", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Use this importance matrix (llama.cpp's .imatrix.gguf or legacy .dat) instead of computing one "
+                   "from the HF weights over calibration text (the default, at every model size).")
+@click.option("--no-imatrix", "no_imatrix", is_flag=True, help="Quantize without an importance matrix.")
+@click.option("--imatrix-tokens", type=click.IntRange(min=16), default=None, metavar="N",
+              help="Calibration tokens the importance matrix is computed over, at most (default: 4096).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
 @click.option("--template", help="Chat template family (see `l3zh-local templates`); default: detected.")
@@ -74,20 +77,26 @@ def _emit_json(data) -> None:
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip checking each GGUF against its reference.")
 @click.option("--force", is_flag=True, help="Redo every step and overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
-def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
-           calibration, template, template_file, num_ctx, ollama_name, skip_verify, force, as_json):
+def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, imatrix_file,
+           no_imatrix, imatrix_tokens, calibration, template, template_file, num_ctx, ollama_name, skip_verify, force,
+           as_json):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
     prefix it with modelscope: to fetch from ModelScope.
     """
+    from .errors import InputError
     from .export import ExportOptions, run_export
     from .quantize import parse_quant_list
 
-    imatrix_mode = "auto" if use_imatrix is None else ("on" if use_imatrix else "off")
-    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=use_imatrix is not False),
+    if no_imatrix and (imatrix_file or imatrix_tokens):
+        raise InputError("--no-imatrix contradicts --imatrix/--imatrix-tokens: give one or the other")
+    # A bare --imatrix (once needed to turn it on) means the default: compute one.
+    opts = ExportOptions(source=model, out=out, quants=parse_quant_list(quants, have_imatrix=not no_imatrix),
                          outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
-                         llama_cpp=llama_cpp, threads=threads, name=name, imatrix=imatrix_mode,
+                         llama_cpp=llama_cpp, threads=threads, name=name, imatrix="off" if no_imatrix else "on",
+                         imatrix_file=Path(imatrix_file) if imatrix_file else None,
+                         imatrix_tokens=imatrix_tokens,
                          calibration=calibration, template=template, template_file=template_file, num_ctx=num_ctx,
                          adapter=adapter, verify=not skip_verify)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo

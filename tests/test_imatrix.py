@@ -283,6 +283,44 @@ def test_export_writes_the_gguf_matrix_and_the_quant_records_it(computed_export)
 
 
 @pytest.mark.slow
+def test_legacy_dat_and_gguf_give_identical_quants(computed_export, tmp_path):
+    from l3zh_local.files import sha256_file
+
+    matrix = imatrix.load_imatrix(computed_export / f"{STEM}.imatrix.gguf")
+    means = matrix.means()
+    # The same name in both forms, so that the quants' quantize.imatrix.file agree and whole files can be compared.
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "dat").mkdir()
+    shutil.copy(computed_export / f"{STEM}.imatrix.gguf", tmp_path / "gguf" / "m.imatrix")
+    # ncall 4: a power of two, so mean * 4 / 4 is the mean to the last bit.
+    write_legacy_dat(tmp_path / "dat" / "m.imatrix", {n: (4, means[n] * np.float32(4)) for n in means},
+                     chunk_count=matrix.chunk_count, dataset=matrix.datasets[0])
+    quants = {}
+    for label in ("dat", "gguf"):
+        out = tmp_path / f"out-{label}"
+        shutil.copytree(computed_export, out)  # the bf16 GGUF is reused; the quant is made again
+        (out / f"{STEM}.q4_k_m.gguf").unlink()
+        source = tmp_path / label / "m.imatrix"
+        result = run_cli("export", str(json.loads((out / "manifest.json").read_text())["source"]["path"]),
+                         "--q", "q4_k_m", "--imatrix", str(source), "--no-verify", "--out", str(out))
+        assert result.exit_code == 0, result.output
+        assert "Computing an importance matrix" not in result.output and f"Reusing {STEM}.bf16.gguf" in result.output
+        quants[label] = out / f"{STEM}.q4_k_m.gguf"
+        steps = json.loads((out / "manifest.json").read_text())["steps"]
+        assert steps["imatrix"]["file"] == str(source) and len(steps["imatrix"]["sha256"]) == 64
+    assert sha256_file(quants["dat"]) == sha256_file(quants["gguf"])
+    meta = ggufmeta.read_metadata(quants["dat"])
+    assert meta["quantize.imatrix.file"] == "m.imatrix"
+    assert meta["quantize.imatrix.dataset"] == imatrix.PACKAGED_CALIBRATION
+    assert meta["quantize.imatrix.entries_count"] == 15
+    assert meta["quantize.imatrix.chunks_count"] == matrix.chunk_count
+    # Only the file name differs from the quant of the export that computed the matrix: the tensor data at the end
+    # (the last layers and the output matrix) is the same.
+    tail = (computed_export / f"{STEM}.q4_k_m.gguf").read_bytes()[-4_000_000:]
+    assert quants["gguf"].read_bytes()[-4_000_000:] == tail
+
+
+@pytest.mark.slow
 def test_iq_quant_with_the_streamed_matrix(tiny_llama3_gguf, tiny_matrix, tmp_path):
     out = tmp_path / "tiny.iq3_xxs.gguf"
     quantize(tiny_llama3_gguf, out, get_quant_type("iq3_xxs", have_imatrix=True), imatrix=tiny_matrix)
@@ -291,3 +329,51 @@ def test_iq_quant_with_the_streamed_matrix(tiny_llama3_gguf, tiny_matrix, tmp_pa
     assert "IQ3_XXS" in meta["l3zh.tensor_types"]
     assert meta["quantize.imatrix.entries_count"] == 15
     assert "quantize.imatrix.file" not in meta  # computed in memory, never saved: no file to name
+
+
+def _matrix_for(config: dict, **changes) -> ImportanceMatrix:
+    names = imatrix.layer_tensor_names(config)
+    sums = {n: np.ones(cols, dtype=np.float32) for n, cols in names.items()}
+    for name, value in changes.items():
+        if value is None:
+            sums.pop(name.replace("__", "."))
+        else:
+            sums[name.replace("__", ".")] = value
+    return ImportanceMatrix(sums=sums, counts=dict.fromkeys(sums, 512), datasets=["x"], chunk_count=1,
+                            chunk_size=512)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"blk__7__attn_q__weight": np.ones(256, dtype=np.float32)}, "blk.7.attn_q.weight, which this model does not"),
+    ({"blk__0__ffn_down__weight": np.ones(256, dtype=np.float32)}, "has 256 columns, this model's has 512"),
+    ({"blk__1__ffn_up__weight": None}, "no entry for blk.1.ffn_up.weight"),
+])
+def test_export_refuses_a_matrix_for_another_model(tiny_llama3_dir, tmp_path, changes, fragment):
+    config = json.loads((tiny_llama3_dir / "config.json").read_text())
+    path = tmp_path / "other.imatrix.gguf"
+    imatrix.save_imatrix(path, _matrix_for(config, **changes))
+    out = tmp_path / "o"
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--q", "q4_k_m", "--imatrix", str(path),
+                                  "--out", str(out)), fragment, "another model")
+    assert not list(out.glob("*.gguf")) if out.exists() else True
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"GGUF\x03\x00\x00\x00garbage", "damaged GGUF"),
+    (b"\x00\x01", "neither an importance matrix GGUF nor a legacy .dat"),
+])
+def test_export_refuses_a_damaged_matrix_file(tiny_llama3_dir, tmp_path, content, fragment):
+    path = tmp_path / "bad.imatrix"
+    path.write_bytes(content)
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--imatrix", str(path), "--out", str(tmp_path / "o")),
+                          fragment)
+
+
+def test_export_refuses_a_missing_matrix_file(tiny_llama3_dir, tmp_path):
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--imatrix", str(tmp_path / "nope.gguf"),
+                                  "--out", str(tmp_path / "o")), "cannot read the importance matrix")
+
+
+def test_no_imatrix_contradicts_a_matrix_file(tiny_llama3_dir, tmp_path):
+    assert_one_line_error(run_cli("export", str(tiny_llama3_dir), "--no-imatrix", "--imatrix", "x.gguf",
+                                  "--out", str(tmp_path / "o")), "--no-imatrix contradicts")
