@@ -68,9 +68,12 @@ def _emit_json(data) -> None:
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(path_type=Path), envvar="L3ZH_LLAMA_CPP",
               help="Use this llama.cpp checkout's converter instead of the pinned one.")
 @click.option("--threads", type=int, default=0, help="Quantization threads (0: all cores).")
-@click.option("--imatrix/--no-imatrix", "use_imatrix", default=None,
-              help="Weigh quantization by an importance matrix computed with the HF model over calibration text "
-                   "(default: on for models up to 4B parameters).")
+@click.option("--imatrix", "imatrix_file", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Use this importance matrix (llama.cpp's .imatrix.gguf or legacy .dat) instead of computing one "
+                   "from the HF weights over calibration text (the default, at every model size).")
+@click.option("--no-imatrix", "no_imatrix", is_flag=True, help="Quantize without an importance matrix.")
+@click.option("--imatrix-tokens", type=click.IntRange(min=16), default=None, metavar="N",
+              help="Calibration tokens the importance matrix is computed over, at most (default: 4096).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration text for the importance matrix (default: packaged Chinese/English text).")
 @click.option("--template", help="Chat template family (see `l3zh-local templates`); default: detected.")
@@ -89,9 +92,9 @@ def _emit_json(data) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 @click.option("--no-wait", "no_wait", is_flag=True,
               help="If another export is writing into --out, stop at once (exit 2) instead of waiting for it.")
-def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, use_imatrix,
-           calibration, template, template_file, num_ctx, gguf_ctx, rope_theta, ollama_name, skip_verify, force,
-           as_json, no_wait):
+def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, llama_cpp, threads, imatrix_file,
+           no_imatrix, imatrix_tokens, calibration, template, template_file, num_ctx, gguf_ctx, rope_theta,
+           ollama_name, skip_verify, force, as_json, no_wait):
     """Convert MODEL (HF folder, hub id, modelscope:<id>; default: the demo) to GGUF quants with deploy files.
 
     A hub id is fetched from Hugging Face (HF_ENDPOINT mirrors such as https://hf-mirror.com apply);
@@ -100,8 +103,10 @@ def export(model, quants, out, outtype, revision, adapter, name, allow_pickle, l
     from .export import export as run
 
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    # A bare --imatrix (once needed to turn it on) means the default: compute one.
     result = run(model, quants=quants, out=out, adapter=adapter, template=template, template_file=template_file,
-                 imatrix=use_imatrix, calibration=calibration, outtype=outtype, num_ctx=num_ctx, ctx=gguf_ctx,
+                 imatrix=not no_imatrix, imatrix_file=imatrix_file or None, imatrix_tokens=imatrix_tokens,
+                 calibration=calibration, outtype=outtype, num_ctx=num_ctx, ctx=gguf_ctx,
                  rope_theta=rope_theta, name=name, revision=revision, threads=threads, verify=not skip_verify,
                  force=force, wait=not no_wait, allow_pickle=allow_pickle, llama_cpp=llama_cpp, log=log)
     if as_json:

@@ -7,6 +7,7 @@ from an earlier run, and records everything in manifest.json.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import shutil
 import time
@@ -42,7 +43,9 @@ class ExportOptions:
     llama_cpp: Path | None = None
     threads: int = 0
     name: str | None = None  # file stem; default from the source
-    imatrix: str = "auto"  # "on", "off", or "auto": on for models up to imatrix.AUTO_MAX_PARAMS
+    imatrix: str = "auto"  # "on", "off", or "auto" (the same as "on", at every model size)
+    imatrix_file: Path | None = None  # a ready importance matrix (llama.cpp's GGUF or .dat) instead of computing one
+    imatrix_tokens: int | None = None  # at most this many calibration tokens; default imatrix.DEFAULT_MAX_TOKENS
     calibration: Path | None = None  # text for the importance matrix; default: the packaged calibration text
     template: str | None = None  # a chat family name (templates.list_families)
     template_file: Path | None = None  # a custom Jinja chat template
@@ -92,7 +95,9 @@ def export(
     adapter: str | Path | None = None,
     template: str | None = None,
     template_file: str | Path | None = None,
-    imatrix: bool | None = None,
+    imatrix: bool = True,
+    imatrix_file: str | Path | None = None,
+    imatrix_tokens: int | None = None,
     calibration: str | Path | None = None,
     outtype: str = "auto",
     num_ctx: int | None = None,
@@ -113,7 +118,9 @@ def export(
     model: a local HF folder, a Hugging Face id (HF_ENDPOINT applies), ``modelscope:<id>``, or None for the
     embedded demo model. quants: quant types (see `quant_types()`), a sequence or "q4_k_m,q8_0". adapter: a PEFT
     LoRA adapter merged into the model first. template / template_file: the chat family or a custom Jinja
-    template (default: detected). imatrix: None for the default, False to quantize without an importance matrix.
+    template (default: detected). imatrix: False to quantize without an importance matrix; imatrix_file: llama.cpp's
+    `.imatrix.gguf` or legacy `.dat` to use instead of computing one (over at most imatrix_tokens calibration tokens
+    of `calibration`, default the packaged text).
     verify: check every GGUF against its reference (`ExportResult.failed_verification` lists those that failed).
     ctx / rope_theta: the context length and RoPE base the GGUF declares instead of the model's (the seed's 32K
     trick: ctx=32768, rope_theta=1e6); ctx also becomes the deployment files' context unless num_ctx is given.
@@ -122,13 +129,16 @@ def export(
     """
     from .quantize import parse_quant_list
 
+    if not imatrix and (imatrix_file or imatrix_tokens):
+        raise InputError("--no-imatrix contradicts --imatrix/--imatrix-tokens: give one or the other")
     spec = quants if isinstance(quants, str) else ",".join(quants)
     opts = ExportOptions(
         source=str(model) if model is not None else None, out=Path(out),
-        quants=parse_quant_list(spec, have_imatrix=imatrix is not False),
+        quants=parse_quant_list(spec, have_imatrix=imatrix),
         outtype=outtype, revision=revision, allow_pickle=allow_pickle, force=force,
         llama_cpp=Path(llama_cpp) if llama_cpp else None, threads=threads, name=name,
-        imatrix="auto" if imatrix is None else ("on" if imatrix else "off"),
+        imatrix="on" if imatrix else "off", imatrix_file=Path(imatrix_file) if imatrix_file else None,
+        imatrix_tokens=imatrix_tokens,
         calibration=Path(calibration) if calibration else None, template=template,
         template_file=Path(template_file) if template_file else None, num_ctx=num_ctx, ctx=ctx, rope_theta=rope_theta,
         adapter=str(adapter) if adapter else None, verify=verify, wait=wait,
@@ -200,10 +210,19 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
     convert_key = step_key("convert", manifest.data["source"]["files"], outtype, tools.runtime_version,
                            family.jinja, family.eos_token, *adapter_parts, *context_parts)
     use_imatrix = _wants_imatrix(opts, info, targets)
-    calibration = _calibration_text(opts) if use_imatrix else None
-    imatrix_path = out / f"{stem}.imatrix.safetensors"
-    imatrix_key = (step_key("imatrix", manifest.data["source"]["files"], calibration, *adapter_parts)
-                   if use_imatrix else None)
+    given_imatrix = _given_imatrix(opts, info) if use_imatrix and opts.imatrix_file else None
+    calibration = _calibration_text(opts) if use_imatrix and given_imatrix is None else None
+    imatrix_path = out / f"{stem}.imatrix.gguf"
+    if given_imatrix is not None:
+        given_sha256 = sha256_file(opts.imatrix_file)
+        imatrix_key = step_key("imatrix-file", given_sha256)
+        manifest.record_step("imatrix", 0.0, file=str(opts.imatrix_file), sha256=given_sha256,
+                             datasets=given_imatrix.datasets, chunks=given_imatrix.chunk_count)
+    elif use_imatrix:
+        imatrix_key = step_key("imatrix", manifest.data["source"]["files"], calibration[0], _imatrix_tokens(opts),
+                               *adapter_parts)
+    else:
+        imatrix_key = None
     quant_keys = {name: step_key("quantize", convert_key, name, imatrix_key) for name in targets}
 
     to_do = [p for p, k in [(base, convert_key), *((targets[n], quant_keys[n]) for n in targets)]
@@ -234,10 +253,10 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
             reused.append(base.name)
             log(f"Reusing {base.name} (same source and settings as the last run).")
 
-        importance = None
-        if use_imatrix and any(p in to_do for p in targets.values()):
-            importance = _importance_matrix(manifest, weights, imatrix_path, imatrix_key, calibration, log,
-                                            reuse=not opts.force)
+        importance = given_imatrix
+        if calibration is not None and any(p in to_do for p in targets.values()):
+            importance = _importance_matrix(manifest, weights, imatrix_path, imatrix_key, calibration,
+                                            _imatrix_tokens(opts), log, reuse=not opts.force)
     finally:
         weights.cleanup()
 
@@ -351,41 +370,52 @@ def _wants_imatrix(opts: ExportOptions, info: hfmodel.ModelInfo, targets: dict[s
         if needing:
             raise InputError(f"{needing[0]} needs an importance matrix, but --no-imatrix was given")
         return False
-    if not any(name not in _NO_IMATRIX_EFFECT for name in targets):
-        return False
-    if opts.imatrix == "auto" and info.n_params > imatrix.AUTO_MAX_PARAMS:
-        if needing:
-            raise InputError(f"{needing[0]} needs an importance matrix: add --imatrix (it runs the HF model over "
-                             "the calibration text on this machine)")
-        return False
-    return True
+    return any(name not in _NO_IMATRIX_EFFECT for name in targets)
 
 
-def _calibration_text(opts: ExportOptions) -> str:
+def _imatrix_tokens(opts: ExportOptions) -> int:
+    return opts.imatrix_tokens or imatrix.DEFAULT_MAX_TOKENS
+
+
+def _given_imatrix(opts: ExportOptions, info: hfmodel.ModelInfo) -> imatrix.ImportanceMatrix:
+    """--imatrix FILE: read and checked against the model before any work."""
+    matrix = imatrix.load_imatrix(opts.imatrix_file)
+    imatrix.check_fits(matrix, info.config, opts.imatrix_file)
+    return matrix
+
+
+def _calibration_text(opts: ExportOptions) -> tuple[str, str]:
+    """The calibration text and where it came from."""
     if opts.calibration is None:
-        return imatrix.default_calibration_text()
+        return imatrix.default_calibration_text(), imatrix.PACKAGED_CALIBRATION
     try:
-        return Path(opts.calibration).read_text(encoding="utf-8")
+        return Path(opts.calibration).read_text(encoding="utf-8"), str(opts.calibration)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read calibration text {opts.calibration}: {exc}") from None
 
 
-def _importance_matrix(manifest: Manifest, weights: _Weights, path: Path, key: str, text: str,
-                       log: Callable[[str], None], *, reuse: bool) -> dict:
+def _importance_matrix(manifest: Manifest, weights: _Weights, path: Path, key: str, calibration: tuple[str, str],
+                       max_tokens: int, log: Callable[[str], None], *, reuse: bool) -> imatrix.ImportanceMatrix:
     if reuse and manifest.reusable(path, key):
         log(f"Reusing {path.name}.")
         return imatrix.load_imatrix(path)
-    log("Computing an importance matrix with the HF model over the calibration text "
+    log("Computing an importance matrix with the HF weights over the calibration text, layer by layer "
         "(better low-bit quants; --no-imatrix skips it)...")
+    text, source = calibration
     started = time.monotonic()
-    data = imatrix.compute_imatrix(weights.path(), text)
+    # The quants name a user's text by file name only: a path would leak the user's folders into every quant.
+    dataset = source if source == imatrix.PACKAGED_CALIBRATION else Path(source).name
+    data = imatrix.compute_imatrix(weights.path(), text, max_tokens=max_tokens, dataset=dataset)
     from .files import atomic_output
 
     with atomic_output(path, force=True) as tmp:
         imatrix.save_imatrix(tmp, data)
+    data.file_name = path.name
     seconds = time.monotonic() - started
-    manifest.record_file(path, key, kind="imatrix", seconds=seconds, tensors=len(data),
-                         calibration_chars=len(text))
+    manifest.record_file(path, key, kind="imatrix", seconds=seconds, tensors=len(data.sums),
+                         chunks=data.chunk_count, calibration={
+                             "source": "packaged" if source == imatrix.PACKAGED_CALIBRATION else source,
+                             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "tokens": data.tokens})
     manifest.record_step("imatrix", seconds)
     manifest.save()
     return data

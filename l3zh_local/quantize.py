@@ -15,10 +15,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError, ToolchainError
 from .files import atomic_output, ensure_free_space
 from .interrupts import wait_or_kill
+
+if TYPE_CHECKING:
+    from .imatrix import ImportanceMatrix
 
 
 @dataclass(frozen=True)
@@ -99,9 +103,10 @@ def parse_quant_list(spec: str, *, have_imatrix: bool = False) -> list[QuantType
 
 
 def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = None, threads: int = 0,
-             imatrix: dict | None = None, force: bool = False) -> str | None:
+             imatrix: ImportanceMatrix | None = None, force: bool = False) -> str | None:
     """Quantize the GGUF `src` into `dst` (written atomically) with libllama.
 
+    With `imatrix`, the GGUF also records it in the quantize.imatrix.* keys llama-quantize writes.
     Returns libllama's note on tensors that fell back to another type, if any.
 
     libllama runs in a child process: llama_model_quantize cannot be interrupted, and a model of some GB takes
@@ -123,7 +128,8 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
         if imatrix:
             from .imatrix import save_imatrix
 
-            request["imatrix"] = str(Path(work) / "imatrix.safetensors")
+            request["imatrix"] = str(Path(work) / "imatrix.gguf")
+            request["imatrix_name"] = imatrix.file_name  # what the GGUF records, not this temporary copy
             save_imatrix(Path(request["imatrix"]), imatrix)
         stop = watch_file_growth(tmp, expected, f"quantize to {qtype.name}")
         try:
@@ -167,8 +173,11 @@ def _child_main(request_json: str) -> None:
     if request["imatrix"]:
         from .imatrix import ImatrixParam, load_imatrix
 
-        imatrix_param = ImatrixParam(load_imatrix(Path(request["imatrix"])))  # must outlive the call below
+        matrix = load_imatrix(Path(request["imatrix"]))
+        matrix.file_name = request["imatrix_name"]
+        imatrix_param = ImatrixParam(matrix)  # must outlive the call below
         params.imatrix = imatrix_param.pointer
+        params.kv_overrides = imatrix_param.kv_overrides  # the quantize.imatrix.* keys llama-quantize writes
     quiet_libllama()
     rc = llama_cpp.llama_model_quantize(request["src"].encode(), request["dst"].encode(), ctypes.byref(params))
     Path(request["answer"]).write_text(str(rc))

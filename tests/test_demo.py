@@ -34,7 +34,7 @@ def test_q4_k_m_passes_verification_with_an_importance_matrix(demo_export):
     entry = manifest["files"]["smollm2-135m-instruct.q4_k_m.gguf"]
     assert entry["type"] == "q4_k_m"
     assert entry["verify"]["passed"], entry["verify"]
-    assert "smollm2-135m-instruct.imatrix.safetensors" in manifest["files"]
+    assert "smollm2-135m-instruct.imatrix.gguf" in manifest["files"]
     assert sorted(entry["deploy_files"]) == sorted(["smollm2-135m-instruct.q4_k_m.Modelfile",
                                                     "smollm2-135m-instruct.q4_k_m.preset.json",
                                                     "smollm2-135m-instruct.q4_k_m.legacy.preset.json"])

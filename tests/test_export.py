@@ -166,7 +166,7 @@ def test_imatrix_types_are_made_with_an_importance_matrix(tiny_llama3_dir, tmp_p
     result = run_cli("export", str(tiny_llama3_dir), "--q", "iq2_xs", "--no-verify", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["files"]["tiny-llama3-v1-bfloat16.imatrix.safetensors"]["tensors"] == 2 * 7 + 1
+    assert manifest["files"]["tiny-llama3-v1-bfloat16.imatrix.gguf"]["tensors"] == 2 * 7 + 1
     meta = ggufmeta.read_metadata(tmp_path / "tiny-llama3-v1-bfloat16.iq2_xs.gguf")
     assert ggufmeta.file_type_name(meta) == "iq2_xs"
     assert "IQ2_XS" in meta["l3zh.tensor_types"]
