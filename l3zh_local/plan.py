@@ -251,8 +251,6 @@ class Plan:
 
 def make_plan(facts: ModelFacts, *, n_ctx: int | None = None, ram: int | None = None, kv_type: str = "f16",
               quants: list[QuantType] | None = None, throughput: dict | None = None) -> Plan:
-    from .imatrix import AUTO_MAX_PARAMS
-
     shape = memory.ModelShape.from_hf_config(facts.config, facts.n_params)
     n_ctx = n_ctx or min(shape.context_length or 8192, 8192)
     ram_given = ram is not None
@@ -270,8 +268,7 @@ def make_plan(facts: ModelFacts, *, n_ctx: int | None = None, ram: int | None = 
         rows.append(PlanRow(q.name, file_bytes, run, run.total <= budget if budget is not None else None, disk,
                             None if q is base else step_seconds("quantize", facts.n_params, throughput)))
     steps = {"convert": step_seconds("convert", facts.n_params, throughput),
-             "imatrix": (step_seconds("imatrix", facts.n_params, throughput)
-                         if facts.n_params <= AUTO_MAX_PARAMS else None),
+             "imatrix": step_seconds("imatrix", facts.n_params, throughput),
              "verify": step_seconds("verify", facts.n_params, throughput)}
     table_quant = "q4_k_m" if any(r.quant == "q4_k_m" for r in rows) else rows[-1].quant
     table = memory.table(shape, facts.weights(QUANT_TYPES[table_quant]))

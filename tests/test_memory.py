@@ -156,7 +156,8 @@ def test_step_times_come_from_recorded_exports(llama3_8b_dir, tmp_path, monkeypa
     facts = plan.model_facts(str(llama3_8b_dir))
     result = plan.make_plan(facts)
     assert result.steps["convert"] == pytest.approx(13.5 / 135e6 * facts.n_params, rel=1e-3)
-    assert result.steps["imatrix"] is None  # off by default above 4B parameters
+    # On at every size now: it scales with the parameters too (the same default token count).
+    assert result.steps["imatrix"] == pytest.approx(27.0 / 135e6 * facts.n_params, rel=1e-3)
     assert result.rows[1].quantize_s == pytest.approx(6.75 / 135e6 * facts.n_params, rel=1e-3)
     text = plan.format_plan(result)
     assert "export steps on this machine: convert 13 min" in text and "demo (0.14B" in text
