@@ -4,8 +4,8 @@ llama.cpp's quantizer can weigh each weight's rounding error by how large its in
 mean of x_j^2 over calibration tokens. llama.cpp's ``llama-imatrix`` collects, per weight tensor, the sum of x_j^2 for
 each input column and the number of rows (tokens) seen; ``llama-quantize`` divides one by the other and hands the
 means to ``llama_model_quantize``. We compute the same statistic without a C++ build by running the Llama decoder
-ourselves in torch (fp32), one layer at a time, straight from the safetensors files: only one layer's weights and
-the hidden states of the calibration tokens are in memory, so an 8B model needs about 2 GB, not 32.
+ourselves in torch (fp32), one layer at a time, straight from the safetensors files: only one layer's weights (0.9 GB
+for Llama-3-8B) and the hidden states of the calibration tokens are in memory, never the whole model.
 
 Files: ``<stem>.imatrix.gguf`` has the GGUF layout llama-imatrix writes (llama-quantize and ``llama-imatrix
 --in-file`` read it); ``export --imatrix FILE`` reads that layout and llama.cpp's older ``.dat`` one.
@@ -29,16 +29,16 @@ from .errors import InputError
 
 # llama-imatrix's default context: the calibration tokens are cut into chunks this long, each seen on its own.
 CHUNK_TOKENS = 512
-# About 2 * n_params * tokens FLOPs: an 8B model over 4096 tokens is ~6e13, minutes on a laptop CPU (fp32 torch runs
-# at 100-400 GFLOP/s there); the packaged calibration text is shorter than this anyway.
+# About 2 * n_params * tokens FLOPs: an 8B model over 4096 tokens is ~6e13, minutes on a laptop CPU (fp32 matrix
+# products run at roughly 100-400 GFLOP/s there); the packaged calibration text is shorter (1.2k Llama-3 tokens).
 DEFAULT_MAX_TOKENS = 4096
 # llama-imatrix skips matrix products over fewer rows than this; a shorter last chunk would add little.
 _MIN_CHUNK_TOKENS = 16
 PACKAGED_CALIBRATION = "l3zh_local/data/calibration.txt"
 
-# HF Llama module names -> llama.cpp GGUF tensor names.
 _ATTN_IN = ("attn_q", "attn_k", "attn_v")  # these three read the same normed hidden state
 _FFN_IN = ("ffn_gate", "ffn_up")
+# llama.cpp's names of a block's linear layers -> HF Llama's module names.
 _HF_LINEAR = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",

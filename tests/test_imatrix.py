@@ -222,6 +222,52 @@ def test_gguf_file_has_llama_cpps_layout_and_reads_back(tmp_path):
         np.testing.assert_array_equal(back.means()[name], (matrix.sums[name] / 1536).astype(np.float32))
 
 
+def test_llama_cpps_own_gguf_parser_reads_the_file(tmp_path):
+    """libggml (shipped with llama-cpp-python) parses the file: the KV types and tensor order llama.cpp expects."""
+    import ctypes
+
+    import llama_cpp
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+    for fn, res, args in [("gguf_find_key", ctypes.c_int64, [ctypes.c_char_p]),
+                          ("gguf_get_kv_type", ctypes.c_int, [ctypes.c_int64]),
+                          ("gguf_get_arr_type", ctypes.c_int, [ctypes.c_int64]),
+                          ("gguf_get_val_str", ctypes.c_char_p, [ctypes.c_int64]),
+                          ("gguf_get_n_tensors", ctypes.c_int64, []),
+                          ("gguf_get_tensor_name", ctypes.c_char_p, [ctypes.c_int64]),
+                          ("gguf_get_tensor_type", ctypes.c_int, [ctypes.c_int64]),
+                          ("gguf_get_tensor_size", ctypes.c_size_t, [ctypes.c_int64])]:
+        getattr(lib, fn).restype = res
+        getattr(lib, fn).argtypes = [ctypes.c_void_p, *args]
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+
+    matrix = synthetic_matrix()
+    path = tmp_path / "m.imatrix.gguf"
+    imatrix.save_imatrix(path, matrix)
+    ctx = lib.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+    assert ctx
+    try:
+        string, array, uint32 = 8, 9, 4  # enum gguf_type
+        assert lib.gguf_get_val_str(ctx, lib.gguf_find_key(ctx, b"general.type")) == b"imatrix"
+        datasets = lib.gguf_find_key(ctx, b"imatrix.datasets")
+        assert (lib.gguf_get_kv_type(ctx, datasets), lib.gguf_get_arr_type(ctx, datasets)) == (array, string)
+        for key in (b"imatrix.chunk_count", b"imatrix.chunk_size"):
+            assert lib.gguf_get_kv_type(ctx, lib.gguf_find_key(ctx, key)) == uint32
+        assert lib.gguf_find_key(ctx, b"general.architecture") == -1
+        tensors = [(lib.gguf_get_tensor_name(ctx, i).decode(), lib.gguf_get_tensor_type(ctx, i),
+                    lib.gguf_get_tensor_size(ctx, i)) for i in range(lib.gguf_get_n_tensors(ctx))]
+    finally:
+        lib.gguf_free(ctx)
+    f32 = 0
+    assert tensors == [(f"{n}{suffix}", f32, 4 * (matrix.sums[n].size if suffix == ".in_sum2" else 1))
+                       for n in sorted(matrix.sums) for suffix in (".in_sum2", ".counts")]
+
+
 def test_legacy_dat_reads_as_means(tmp_path):
     matrix = synthetic_matrix()
     means = matrix.means()
