@@ -212,7 +212,8 @@ def _start_export(model: Path, out: Path) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
 
-def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
+    # Generous: on 2 busy cores the tiny model takes minutes to reach its quantization.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = list(folder.glob(pattern)) if folder.exists() else []
