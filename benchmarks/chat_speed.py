@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from l3zh_local import evaltext, settings  # noqa: E402
 from l3zh_local.chat import ChatSession, load_model  # noqa: E402
-from l3zh_local.templates import Sampling  # noqa: E402
 from l3zh_local.hardware import physical_cores  # noqa: E402
+from l3zh_local.templates import Sampling  # noqa: E402
 
 GEN_TOKENS = 128
 REPEATS = 5

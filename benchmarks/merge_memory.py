@@ -162,9 +162,10 @@ def main() -> None:
     import transformers
 
     model_bytes = sum(p.stat().st_size for p in shards)
-    print(f"# LoRA merge: peak memory and time\n")
+    print("# LoRA merge: peak memory and time\n")
     print(f"Command: `{' '.join(['python3 benchmarks/merge_memory.py', *sys.argv[1:]])}`  ")
-    print(f"Machine: {os.cpu_count()} logical cores; torch {torch.__version__}, transformers {transformers.__version__}, "
+    print(f"Machine: {os.cpu_count()} logical cores; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, "
           f"peft {peft.__version__}; page cache warm for both; cores shared with other jobs, so times are "
           f"indicative. Building the model and adapter took {built:.0f} s (cached after the first run).\n")
     print(f"Base: random bf16 Llama, hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, vocab {args.vocab}: "
@@ -179,8 +180,10 @@ def main() -> None:
                                   ("floor: python + import torch, safetensors", floor)]:
         print(f"| {label} | {human_size(rss)} | {seconds:.1f} s | {rss / (largest + adapter_bytes):.2f} |")
     print()
-    print(f"Memory: l3zh-local {ours[1] / theirs[1]:.2f} x PEFT's peak; target {'met' if ours[1] <= budget else 'MISSED'}. "
-          f"Time: l3zh-local {ours[0] / theirs[0]:.2f} x PEFT's; target {'met' if ours[0] <= theirs[0] else 'MISSED'}.  ")
+    memory_met = "met" if ours[1] <= budget else "MISSED"
+    time_met = "met" if ours[0] <= theirs[0] else "MISSED"
+    print(f"Memory: l3zh-local {ours[1] / theirs[1]:.2f} x PEFT's peak; target {memory_met}. "
+          f"Time: l3zh-local {ours[0] / theirs[0]:.2f} x PEFT's; target {time_met}.  ")
     print(f"Outputs compared tensor by tensor: {n_tensors} tensors, {differing} elements differ between the two "
           f"merges (largest difference {worst:.2f} bf16 steps).")
 

@@ -151,7 +151,8 @@ def _print_export_summary(result, ollama_name: str | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged HF folder to write.")
 @click.option("--force", is_flag=True,
               help="Overwrite --out, and merge even if the adapter records another base model.")
-@click.option("--allow-pickle", is_flag=True, help="Accept an adapter_model.bin (read with torch's weights-only loader).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept an adapter_model.bin (read with torch's weights-only loader).")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
 def merge_cmd(base, adapter, out, force, allow_pickle, as_json):
     """Merge a PEFT LoRA ADAPTER into BASE, shard by shard (HF folders or hub ids for both).
@@ -576,7 +577,8 @@ def chat_cmd(gguf, question, system, temperature, top_p, top_k, repeat_penalty, 
 @click.option("--name", "model_name", help="Model id to report (default: the GGUF's file name).")
 @click.option("--no-page", is_flag=True, help="Do not serve the chat page at /.")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve_cmd(gguf, host, port, ctx, kv_type, parallel, threads, gpu_layers, api_key, template_file, model_name, no_page,
+def serve_cmd(gguf, host, port, ctx, kv_type, parallel, threads, gpu_layers, api_key, template_file, model_name,
+              no_page,
               quiet):
     """Serve GGUF with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)
     and a chat page at /.
@@ -588,7 +590,8 @@ def serve_cmd(gguf, host, port, ctx, kv_type, parallel, threads, gpu_layers, api
     """
     from .serve import serve
 
-    serve(gguf, host=host, port=port, ctx=ctx, kv_type=kv_type, parallel=parallel, threads=threads, gpu_layers=gpu_layers,
+    serve(gguf, host=host, port=port, ctx=ctx, kv_type=kv_type, parallel=parallel, threads=threads,
+          gpu_layers=gpu_layers,
           api_key=api_key, template_file=template_file, model_name=model_name, page=not no_page,
           access_log=not quiet, log=lambda line: click.echo(line, err=line.startswith("Warning")))
 

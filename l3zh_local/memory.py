@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+
 # Re-exported under the names plan, doctor and export call (tests replace them to play another machine).
 from .hardware import available_memory as available_ram
 from .hardware import total_memory as total_ram

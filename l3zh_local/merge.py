@@ -330,7 +330,8 @@ def _index_tensors(tensors: dict, config: dict, weights: Path):
     biases: dict[str, LoraPair] = {}
     for module, slot in sorted(found.items()):
         if "A" not in slot or "B" not in slot:
-            raise InputError(f"{weights} is incomplete: {module} has lora_{'B' if 'A' in slot else 'A'} but not its pair")
+            raise InputError(f"{weights} is incomplete: {module} has lora_{'B' if 'A' in slot else 'A'} but not its "
+                             "pair")
         rank = tensors[slot["A"]]["shape"][0]
         pair = LoraPair(
             module=module, target=f"{module}.weight", a_key=slot["A"], b_key=slot["B"],
@@ -402,7 +403,8 @@ def check_adapter_fits(info: ModelInfo, adapter: LoraAdapter, *, base_given: str
                 )
             raise InputError(f"the adapter's {target} has shape {saved}, the base has {want}; wrong base model?")
         if base[target]["dtype"] not in _TORCH_DTYPES:
-            raise InputError(f"base tensor {target} is {base[target]['dtype']}, not a float type; is the base quantized?")
+            raise InputError(f"base tensor {target} is {base[target]['dtype']}, not a float type; is the base "
+                             "quantized?")
 
     warnings: list[str] = []
     recorded = adapter.config.get("base_model_name_or_path")
@@ -615,7 +617,8 @@ def _differs(base: _TensorFile, entry: dict, new_bytes) -> bool:
     view = memoryview(new_bytes).cast("B")
     base.fh.seek(base.data_start + entry["data_offsets"][0])
     for start in range(0, len(view), _COPY_CHUNK):
-        if base.fh.read(_COPY_CHUNK if start + _COPY_CHUNK <= len(view) else len(view) - start) != view[start:start + _COPY_CHUNK]:
+        block = view[start:start + _COPY_CHUNK]
+        if base.fh.read(len(block)) != block:
             return True
     return False
 

@@ -113,8 +113,8 @@ def test_history_is_trimmed_to_the_context(tiny_llama3_gguf):
 
 
 def test_one_shot_prints_the_greedy_answer(tiny_llama3_gguf, vocab):
-    from llama_cpp import Llama
     import llama_cpp
+    from llama_cpp import Llama
 
     question = "中国的首都是哪里？"
     proc = subprocess.run(

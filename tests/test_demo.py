@@ -57,7 +57,8 @@ def test_q4_k_m_answers_in_english(demo_export):
 
 def test_q4_k_m_takes_a_chinese_question_without_crashing(demo_export):
     # SmolLM2 is an English model: the point here is the tokenizer (its naive HF conversion makes a GGUF that aborts
-    # the process on the first Chinese character: see demo.py), the verify step above checks its Chinese token ids against the HF tokenizer.
+    # the process on the first Chinese character: see demo.py), the verify step above checks its Chinese token ids
+    # against the HF tokenizer.
     out, _ = demo_export
     choice = _answer(out / "smollm2-135m-instruct.q4_k_m.gguf", "中国的首都是哪里？请简短回答。")
     assert choice["message"]["content"].strip()

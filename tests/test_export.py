@@ -207,7 +207,8 @@ def test_not_enough_disk(tiny_llama3_dir, tmp_path, monkeypatch):
 def _start_export(model: Path, out: Path) -> subprocess.Popen:
     # Started as `cmd &` in a script or CI runner starts it, SIGINT ignored: Python then never turned Ctrl-C into
     # KeyboardInterrupt by itself, and the export ran to its end (see interrupts.py).
-    return subprocess.Popen([sys.executable, "-m", "l3zh_local.cli", "export", str(model), "--q", "q4_k_m", "--no-verify",
+    return subprocess.Popen([sys.executable, "-m", "l3zh_local.cli", "export", str(model), "--q", "q4_k_m",
+                             "--no-verify",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 

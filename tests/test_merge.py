@@ -17,9 +17,9 @@ from l3zh_local import hfmodel
 from l3zh_local.cli import main
 from l3zh_local.errors import InputError, OutputExists
 from l3zh_local.files import sha256_file
+from l3zh_local.merge import merge_lora, pattern_key
 from support.fixtures import build_llama3_tokenizer
 from support.lora_fixture import SEED_MODULES_TO_SAVE, SEED_TARGETS, random_lora_adapter
-from l3zh_local.merge import merge_lora, pattern_key
 
 pytestmark = pytest.mark.slow  # every test here builds and runs a model
 
@@ -219,7 +219,8 @@ def test_seed_like_merge_matches_peft_tensor_by_tensor(tiny_llama3_dir, seed_ada
 
 def test_merged_folder_is_a_complete_model(tiny_llama3_dir, seed_merged):
     out, report = seed_merged
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(report.files_copied)
+    copied = set(report.files_copied)
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= copied
     assert (out / "config.json").read_bytes() == (tiny_llama3_dir / "config.json").read_bytes()
     assert report.output_shards == ["model.safetensors"]
     assert not list(out.parent.glob("*.partial"))
@@ -259,7 +260,8 @@ def test_rslora_patterns_and_embedding_lora_match_peft(tiny_llama3_dir, tmp_path
     assert_matches_peft(mine, peft_merged(tiny_llama3_dir, adapter), base)
     assert_rounded_once(mine, exact_merge(tiny_llama3_dir, adapter))
     assert changed_names(base, mine) == {
-        f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+        f"model.layers.{i}.{m}.weight"
+        for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
     } | {"model.embed_tokens.weight"}
 
 
@@ -267,7 +269,8 @@ def test_pattern_key_follows_peft():
     from peft.utils.other import get_pattern_key
 
     patterns = ["q_proj", "layers.1.self_attn.v_proj", r"layers\.[01]\.mlp\..*_proj", "proj"]
-    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.v_proj",
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+                   "model.layers.0.self_attn.v_proj",
                    "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.k_proj", "lm_head"):
         theirs = get_pattern_key(patterns, module)
         assert pattern_key(patterns, module) == (theirs if theirs in patterns else None)
@@ -287,7 +290,8 @@ def test_lora_bias_and_fan_in_fan_out(tmp_path):
     merge_lora(base, adapter, tmp_path / "out", progress=False)
     mine = read_folder(tmp_path / "out")
     base_tensors = read_folder(base)
-    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.up_proj.bias"} <= changed_names(base_tensors, mine)
+    changed = changed_names(base_tensors, mine)
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.up_proj.bias"} <= changed
     assert_matches_peft(mine, peft_merged(base, adapter), base_tensors)
     assert_rounded_once(mine, exact_merge(base, adapter))
 
@@ -381,7 +385,8 @@ def refuse(base: Path, adapter: Path, out: Path, match: str, error=InputError, *
 
 def test_refuses_other_peft_types_and_variants(tiny_llama3_dir, small_adapter, tmp_path):
     out = tmp_path / "out"
-    refuse(tiny_llama3_dir, edit_adapter(small_adapter, tmp_path / "ia3", config={"peft_type": "IA3"}), out, "IA3 adapter")
+    ia3 = edit_adapter(small_adapter, tmp_path / "ia3", config={"peft_type": "IA3"})
+    refuse(tiny_llama3_dir, ia3, out, "IA3 adapter")
     refuse(tiny_llama3_dir, edit_adapter(small_adapter, tmp_path / "dora", config={"use_dora": True}), out, "DoRA")
     refuse(tiny_llama3_dir, edit_adapter(small_adapter, tmp_path / "pissa", config={"init_lora_weights": "pissa"}),
            out, "rewrites the base weights")
@@ -428,7 +433,8 @@ def test_refuses_resized_vocabulary(tiny_llama3_dir, small_adapter, tmp_path):
     def add_rows(t):
         return {**t, "base_model.model.lm_head.weight": torch.zeros(128264, 256, dtype=torch.bfloat16)}
 
-    adapter = edit_adapter(small_adapter, tmp_path / "resized", tensors=add_rows, config={"modules_to_save": ["lm_head"]})
+    adapter = edit_adapter(small_adapter, tmp_path / "resized", tensors=add_rows,
+                           config={"modules_to_save": ["lm_head"]})
     refuse(tiny_llama3_dir, adapter, tmp_path / "out", r"resized vocabulary \(128264 rows")
 
 
@@ -438,7 +444,8 @@ def test_base_name_mismatch_needs_force(tiny_llama3_dir, small_adapter, tmp_path
     report = merge_lora(tiny_llama3_dir, other, tmp_path / "out", progress=False, force=True)
     assert report.warnings and "someone/another-llama" in report.warnings[0]
     # A hub id whose name is the base folder's name is the same model.
-    same = edit_adapter(small_adapter, tmp_path / "same", config={"base_model_name_or_path": f"org/{tiny_llama3_dir.name}"})
+    same = edit_adapter(small_adapter, tmp_path / "same",
+                        config={"base_model_name_or_path": f"org/{tiny_llama3_dir.name}"})
     assert merge_lora(tiny_llama3_dir, same, tmp_path / "out2", progress=False).warnings == []
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from support import serve_models
-from support.serve_process import ROOT, ServeProcess
+from support.serve_process import ServeProcess
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HINT = ("headless Chromium is missing: apt-get install -y chromium chromium-driver "

@@ -9,16 +9,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-
 from l3zh_local.cli import main
-from l3zh_local.deploy import deploy_paths, modelfile_text, ollama_create, read_modelfile, write_deploy_files
+from l3zh_local.deploy import modelfile_text, ollama_create, read_modelfile, write_deploy_files
 from l3zh_local.deploy.ollama import parse_modelfile
 from l3zh_local.errors import InputError
 from l3zh_local.recipes import all_recipes, load_recipe, regenerate_modelfiles
-from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
 from l3zh_local.templates import (
-    detect_family, family_from_file, get_family, list_families, normalise_template, template_hash,
+    detect_family,
+    family_from_file,
+    get_family,
+    list_families,
+    normalise_template,
+    template_hash,
 )
+from l3zh_local.templates.registry import META_LLAMA3_TEMPLATE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +52,8 @@ def test_every_family_detects_itself_and_its_reformatted_self():
         assert detect_family(loose) is family
 
 
-@pytest.mark.parametrize("file_name", ["meta-llama-Llama-3.1-8B-Instruct.jinja", "meta-llama-Llama-3.3-70B-Instruct.jinja"])
+@pytest.mark.parametrize("file_name",
+                         ["meta-llama-Llama-3.1-8B-Instruct.jinja", "meta-llama-Llama-3.3-70B-Instruct.jinja"])
 def test_meta_llama31_templates_from_the_pinned_tree_are_llama31(tools, file_name):
     text = (tools.root / "models" / "templates" / file_name).read_text(encoding="utf-8")
     assert detect_family(text).name == "llama3.1"
@@ -115,7 +120,7 @@ def test_family_from_file_with_front_matter(tmp_path):
     assert family.eos_token == "<|end_of_text|>" and family.stop_tokens == ("<|end_of_text|>", "###")
     assert family.ollama_template() is None
     text = modelfile_text("m.gguf", family, 4096)
-    assert "TEMPLATE" not in "".join(l for l in text.splitlines() if not l.startswith("#"))
+    assert "TEMPLATE" not in "".join(line for line in text.splitlines() if not line.startswith("#"))
     assert read_modelfile(text).parameters["stop"] == ["<|end_of_text|>", "###"]
 
 
@@ -169,7 +174,8 @@ def test_modelfile_round_trips(name, tmp_path):
 
 
 def test_modelfile_parser_follows_ollama_rules():
-    text = 'FROM ./a b.gguf\n# comment\nPARAMETER stop "<|x|>"\nTEMPLATE """line1\n\n  "quoted" \n"""\nSYSTEM hi there\n'
+    text = ('FROM ./a b.gguf\n# comment\nPARAMETER stop "<|x|>"\n'
+            'TEMPLATE """line1\n\n  "quoted" \n"""\nSYSTEM hi there\n')
     assert parse_modelfile(text) == [("from", "./a b.gguf"), ("stop", "<|x|>"),
                                      ("template", 'line1\n\n  "quoted" \n'), ("system", "hi there")]
     with pytest.raises(InputError, match="no FROM"):

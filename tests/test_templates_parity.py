@@ -11,16 +11,16 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import template_runtimes as rt
 from l3zh_local import hfmodel
-from support import fixtures
 from l3zh_local.convert import TokenizerOverrides, convert_to_gguf
 from l3zh_local.deploy import read_modelfile, write_deploy_files
 from l3zh_local.prompt import ChatPrompt, split_pieces
 from l3zh_local.templates import get_family, list_families
-
-import template_runtimes as rt
+from support import fixtures
 
 LLAMA3_FAMILIES = ["llama3", "llama3.1", "shareai-instruct-sft", "shareai-base-sft"]
 ALL_FAMILIES = [f.name for f in list_families()]

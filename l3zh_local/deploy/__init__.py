@@ -8,7 +8,7 @@ from pathlib import Path
 from ..files import write_text_atomic
 from ..templates import ChatFamily
 from .lmstudio import current_preset, install_hint, legacy_preset
-from .ollama import ollama_create, modelfile_text, read_modelfile
+from .ollama import modelfile_text, ollama_create, read_modelfile
 
 __all__ = ["write_deploy_files", "deploy_paths", "ollama_create", "modelfile_text", "read_modelfile",
            "current_preset", "legacy_preset", "install_hint"]

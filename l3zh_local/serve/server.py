@@ -59,7 +59,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(gguf: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ctx: int | str = DEFAULT_CTX,
-          kv_type: str = "f16", parallel: int = 1, threads: int | None = None, gpu_layers: int = 0, api_key: str | None = None,
+          kv_type: str = "f16", parallel: int = 1, threads: int | None = None, gpu_layers: int = 0,
+          api_key: str | None = None,
           template_file: str | Path | None = None, model_name: str | None = None, page: bool = True,
           log: Callable[[str], None] = print, access_log: bool = True,
           ready: Callable[[str], None] | None = None) -> None:

@@ -21,7 +21,6 @@ a broken vocabulary) becomes a failed check naming the signal, never a dead CLI.
 
 from __future__ import annotations
 
-
 from .checks import ALL_CHECKS, SAMPLE_CHATS, verify_gguf
 from .endpoint import verify_endpoint
 from .report import FAIL, PASS, SKIP, WARN, CheckResult, VerifyReport

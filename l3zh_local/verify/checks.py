@@ -68,10 +68,10 @@ def verify_gguf(
     skipped. quant_type: names the threshold row (read from the GGUF when None). The expected chat template, EOS and
     stop tokens come from `family` (a chat family of the registry), else from expected_template / expected_eos,
     else from `ref` (its own template, as the family l3zh-local writes for it when it is a known one, and its EOS
-    ids); with none of these the template check can only warn. stop_mode: "natural", "forced" (stop token forced through the logits), "auto" (natural unless the
-    model is untrained) or "skip". checks: which of ALL_CHECKS to run. long_ctx: also run the ``long`` check at
-    this many tokens (verify/longctx.py): parity with the reference past the trained context, and the pass-key
-    probe on both (passkey=False skips it).
+    ids); with none of these the template check can only warn. stop_mode: "natural", "forced" (stop token forced
+    through the logits), "auto" (natural unless the model is untrained) or "skip". checks: which of ALL_CHECKS to
+    run. long_ctx: also run the ``long`` check at this many tokens (verify/longctx.py): parity with the reference
+    past the trained context, and the pass-key probe on both (passkey=False skips it).
     """
     gguf = Path(gguf)
     if not gguf.is_file():

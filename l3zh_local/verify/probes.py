@@ -15,6 +15,7 @@ from typing import Any
 from .. import evaltext
 from .thresholds import UNTRAINED_PPL
 
+
 def main(request_path: str) -> None:
     """Entry point of the child process: run the probe named in the request file, write the answer file."""
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 from ..errors import InputError
 
-
 # llama.cpp's Llama-3-8B scoreboard (tools/perplexity README, wikitext-2, against F16): mean KLD, same-top share.
 PUBLISHED_LLAMA3_8B: dict[str, tuple[float, float | None]] = {
     "q8_0": (0.00136, 0.977),

@@ -86,10 +86,10 @@ def _tiny(dest: Path, *, dtype: str, seed: int, chat_template: str = META_LLAMA3
     with locks.hold(locks.lock_path_for(dest), f"the test fixture cache {dest}"):
         if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
             return dest
-        return _build_tiny_llama3(dest, dtype, seed)
+        return _build_tiny_llama3(dest, dtype, seed, chat_template, rope)
 
 
-def _build_tiny_llama3(dest: Path, dtype: str, seed: int) -> Path:
+def _build_tiny_llama3(dest: Path, dtype: str, seed: int, chat_template: str, rope: dict) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
