@@ -183,8 +183,8 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
     family = choose_family(opts, info, recipe, adapter.path if adapter else None)
     ctx_plan = context.plan_context(info.config, opts.ctx or (recipe.ctx if recipe else None),
                                     opts.rope_theta or (recipe.rope_theta if recipe else None))
-    for note in ctx_plan.notes:
-        log(f"Note: {note}.")
+    for context_note in ctx_plan.notes:
+        log(f"Note: {context_note}.")
     num_ctx = opts.num_ctx or ctx_plan.deploy_ctx or (
         recipe.num_ctx if recipe else min(info.config.get("max_position_embeddings") or 8192, 8192))
     if not ctx_plan.override.empty:
@@ -225,12 +225,12 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
     given_imatrix = _given_imatrix(opts, info) if use_imatrix and opts.imatrix_file else None
     calibration = _calibration_text(opts) if use_imatrix and given_imatrix is None else None
     imatrix_path = out / f"{stem}.imatrix.gguf"
-    if given_imatrix is not None:
+    if given_imatrix is not None and opts.imatrix_file is not None:
         given_sha256 = sha256_file(opts.imatrix_file)
         imatrix_key = step_key("imatrix-file", given_sha256)
         manifest.record_step("imatrix", 0.0, file=str(opts.imatrix_file), sha256=given_sha256,
                              datasets=given_imatrix.datasets, chunks=given_imatrix.chunk_count)
-    elif use_imatrix:
+    elif use_imatrix and calibration is not None:
         imatrix_key = step_key("imatrix", manifest.data["source"]["files"], calibration[0], _imatrix_tokens(opts),
                                *adapter_parts)
     else:
@@ -266,7 +266,7 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
             log(f"Reusing {base.name} (same source and settings as the last run).")
 
         importance = given_imatrix
-        if calibration is not None and any(p in to_do for p in targets.values()):
+        if calibration is not None and imatrix_key is not None and any(p in to_do for p in targets.values()):
             importance = _importance_matrix(manifest, weights, imatrix_path, imatrix_key, calibration,
                                             _imatrix_tokens(opts), log, reuse=not opts.force)
     finally:
@@ -342,9 +342,11 @@ def _verified(manifest: Manifest, gguf: Path, ref: Path | None, family: template
         return entry["verify"]["passed"]
     log(f"Verifying {gguf.name} against {ref.name if ref else 'its own metadata'}...")
     started = time.monotonic()
-    expected = ({"family": family.name} if family.name in templates.FAMILIES
-                else {"expected_template": family.jinja, "expected_eos": family.eos_token})
-    report = verify.verify_gguf(gguf, ref=ref, quant_type=entry.get("type"), threads=threads or None, **expected)
+    known = family.name in templates.FAMILIES
+    report = verify.verify_gguf(gguf, ref=ref, quant_type=entry.get("type"), threads=threads or None,
+                                family=family.name if known else None,
+                                expected_template=None if known else family.jinja,
+                                expected_eos=None if known else family.eos_token)
     entry["verify"] = {"key": key, "seconds": round(time.monotonic() - started, 1), **report.to_dict()}
     manifest.save()
     for line in report.table().splitlines():
@@ -391,6 +393,7 @@ def _imatrix_tokens(opts: ExportOptions) -> int:
 
 def _given_imatrix(opts: ExportOptions, info: hfmodel.ModelInfo) -> imatrix.ImportanceMatrix:
     """--imatrix FILE: read and checked against the model before any work."""
+    assert opts.imatrix_file is not None
     matrix = imatrix.load_imatrix(opts.imatrix_file)
     imatrix.check_fits(matrix, info.config, opts.imatrix_file)
     return matrix
@@ -476,6 +479,7 @@ class _Weights:
     def _merge(self) -> hfmodel.ModelInfo:
         from .merge import merge_lora
 
+        assert self.adapter is not None  # info() merges only when there is an adapter
         shutil.rmtree(self.merged_dir, ignore_errors=True)
         self.log(f"Merging the LoRA adapter {self.adapter.ref} into {self.source.ref} (shard by shard)...")
         started = time.monotonic()

@@ -222,11 +222,12 @@ class _TensorReader:
             with safe_open(path, framework="pt") as f:
                 tensor = f.get_slice(name)
                 run_start = prev = wanted[0]
-                for i in [*wanted[1:], None]:  # read consecutive ids as one slice
+                for i in wanted[1:]:  # read consecutive ids as one slice
                     if i != prev + 1:
                         parts.append(tensor[run_start:prev + 1].float())
                         run_start = i
                     prev = i
+                parts.append(tensor[run_start:prev + 1].float())
             table = torch.cat(parts)
         return table[torch.searchsorted(torch.tensor(wanted), torch.tensor(ids))]
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, ToolchainError
 from .files import atomic_output, ensure_free_space
@@ -123,8 +123,8 @@ def quantize(src: Path, dst: Path, qtype: QuantType, *, n_params: int | None = N
         raise InputError(f"{qtype.name} needs an importance matrix; pass one")
     log_path = dst.with_name(dst.name + ".log")
     with atomic_output(dst, force=force) as tmp, tempfile.TemporaryDirectory(prefix="l3zh-quantize-") as work:
-        request = {"src": str(src), "dst": str(tmp), "ftype": qtype.ftype, "threads": threads, "imatrix": None,
-                   "answer": str(Path(work) / "rc")}
+        request: dict[str, Any] = {"src": str(src), "dst": str(tmp), "ftype": qtype.ftype, "threads": threads,
+                                   "imatrix": None, "answer": str(Path(work) / "rc")}
         if imatrix:
             from .imatrix import save_imatrix
 

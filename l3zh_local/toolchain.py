@@ -184,7 +184,10 @@ def _unpack(sdist: Path, dest: Path) -> None:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as out:
+                source = tar.extractfile(member)
+                if source is None:
+                    continue
+                with source as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ToolchainError(f"could not unpack {sdist}: {exc}; delete it and run again") from None
