@@ -235,7 +235,7 @@ def quants_cmd():
     from .quantize import quant_types
 
     for q in quant_types():
-        flag = "  (needs an importance matrix: refused)" if q.needs_imatrix else ""
+        flag = "  (needs an importance matrix: not with --no-imatrix)" if q.needs_imatrix else ""
         click.echo(f"{q.name:<8} ~{q.bits_per_weight:5.2f} bits/weight  {q.note}{flag}")
 
 

@@ -14,14 +14,13 @@ costs) a large model's figures come out on the long side.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import memory, settings
+from . import memory, settings, sources
 from .errors import InputError, OfflineError
 from .files import read_json, write_text_atomic
 from .quantize import QUANT_TYPES, QuantType
@@ -106,18 +105,15 @@ def _hub_facts(repo_id: str, revision: str | None) -> ModelFacts:
     import huggingface_hub
     from huggingface_hub import errors
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    endpoint = sources.hub_endpoint()
     _reachable(endpoint)
     try:
-        config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision,
-                                                      etag_timeout=10)
-        meta = huggingface_hub.get_safetensors_metadata(repo_id, revision=revision, timeout=10)
-    except errors.RepositoryNotFoundError:
-        raise InputError(f"{repo_id} is not a model on {endpoint} (or it is private: run `hf auth login`)") from None
-    except errors.RevisionNotFoundError:
-        raise InputError(f"{repo_id} has no revision {revision!r}") from None
-    except errors.GatedRepoError:
-        raise InputError(f"{repo_id} is gated: accept its licence on the hub, then `hf auth login`") from None
+        with sources.hub_lookup_errors(repo_id, revision):
+            config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision,
+                                                          etag_timeout=10)
+            meta = huggingface_hub.get_safetensors_metadata(repo_id, revision=revision, timeout=10)
+    except InputError:
+        raise
     except errors.NotASafetensorsRepoError:
         raise InputError(f"{repo_id} has no safetensors weights: plan needs their headers") from None
     except Exception as exc:  # noqa: BLE001 - offline, DNS, timeouts, proxies: all mean "cannot reach the hub"

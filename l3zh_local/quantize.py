@@ -84,8 +84,8 @@ def get_quant_type(name: str, *, have_imatrix: bool = False) -> QuantType:
         raise InputError(f"unknown quant type {name!r}: choose from {usable}")
     if qtype.needs_imatrix and not have_imatrix:
         raise InputError(
-            f"{qtype.name} needs an importance matrix: add --imatrix (computed from calibration text with the HF "
-            "model), or choose q3_k_m, q2_k or iq4_xs"
+            f"{qtype.name} needs an importance matrix: drop --no-imatrix (export computes one by default) or give "
+            "--imatrix FILE, or choose q3_k_m, q2_k or iq4_xs"
         )
     return qtype
 

@@ -7,7 +7,9 @@ or, with a ``modelscope:`` prefix, through the modelscope package. Only the file
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,20 +56,37 @@ def _patterns(allow_pickle: bool) -> list[str]:
     return _NEEDED + (_PICKLES if allow_pickle else [])
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint in use (HF_ENDPOINT, e.g. https://hf-mirror.com)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+@contextlib.contextmanager
+def hub_lookup_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's answers that the repository or revision is not there into one-line InputErrors."""
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except errors.GatedRepoError:  # before RepositoryNotFoundError, of which it is a kind
+        raise InputError(f"{repo_id} is gated: accept its licence on the hub, then `hf auth login`") from None
+    except errors.RepositoryNotFoundError:
+        raise InputError(f"{repo_id} is not a model on {hub_endpoint()} (or it is private: run `hf auth login`)"
+                         ) from None
+    except errors.RevisionNotFoundError:
+        raise InputError(f"{repo_id} has no revision {revision!r}") from None
+
+
 def _from_huggingface(repo_id: str, revision: str | None, allow_pickle: bool) -> ModelSource:
     import huggingface_hub
     from huggingface_hub import errors
 
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "20")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    endpoint = hub_endpoint()
     try:
-        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_patterns(allow_pickle))
-    except errors.RepositoryNotFoundError:
-        raise InputError(f"{repo_id} is not a model on {endpoint} (or it is private: run `hf auth login`)") from None
-    except errors.RevisionNotFoundError:
-        raise InputError(f"{repo_id} has no revision {revision!r}") from None
-    except errors.GatedRepoError:
-        raise InputError(f"{repo_id} is gated: accept its licence on the hub, then `hf auth login`") from None
+        with hub_lookup_errors(repo_id, revision):
+            path = huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                     allow_patterns=_patterns(allow_pickle))
     except (errors.LocalEntryNotFoundError, OSError) as exc:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise OfflineError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
