@@ -342,7 +342,10 @@ def format_plan(plan: Plan) -> str:
                         else "off by default above 4B parameters")
         lines.append(f"export steps on this machine: convert {_duration(steps['convert'])}, importance matrix "
                      f"{imatrix_note}, quantize per type as above, verify {_duration(steps['verify'])} per GGUF")
-        lines.append(f"  (from exports timed here: {', '.join(measured)}; see `plan --help`)")
+        one_size = all(len({e["n_params"] for e in v}) < 2 for v in plan.throughput.values())
+        how = ("scaled by parameter count, so long for a larger model: its start-up share is smaller"
+               if one_size else "start-up cost + cost per parameter fitted")
+        lines.append(f"  (from exports timed here: {', '.join(measured)}; {how})")
     else:
         lines.append("export step times: nothing measured on this machine yet; run `l3zh-local plan --measure` "
                      "(exports the demo model, a few minutes) or any export")
