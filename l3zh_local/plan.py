@@ -5,10 +5,10 @@ headers through huggingface_hub, no weights), for each quant type: the GGUF's si
 context (memory.py: weights + KV cache + compute buffer) and whether that fits, the disk an export needs, and each
 export step's time.
 
-Step times are scaled from timings measured on this machine: every export records how long its steps took per
-parameter (`record_export`, into the cache's throughput.json); `plan --measure` exports the demo model once to get
-them. The scaling is linear in the parameter count, so from a small model's timings (with their fixed start-up
-costs) a large model's figures come out on the long side.
+Step times come from timings measured on this machine: every export records how long its steps took for its model
+size (`record_export`, into the cache's throughput.json); `plan --measure` exports the demo model once to get some.
+With two model sizes a start-up cost plus a cost per parameter is fitted; with one, times scale with the parameter
+count, and a small model's start-up cost then makes a large model's figures come out on the long side.
 """
 
 from __future__ import annotations
@@ -135,52 +135,52 @@ def _throughput_path() -> Path:
     return settings.cache_dir() / THROUGHPUT_FILE
 
 
-def load_throughput() -> dict:
+def load_throughput() -> dict[str, list[dict]]:
+    """step -> the timings recorded on this machine, one per model size: {"n_params", "seconds", "model", "when"}."""
     path = _throughput_path()
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         return {}  # a damaged record only means no estimate
+    return {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
 
 
 def record_export(manifest_data: dict) -> dict:
-    """Keep this export's step timings, per parameter, as this machine's throughput (the largest model's win:
-    its figures carry the least fixed start-up cost). Returns what was recorded."""
+    """Keep this export's step timings as this machine's throughput, one record per step and model size (the
+    newest wins). Returns what was recorded."""
     model = manifest_data.get("model", {})
     n_params = int(model.get("n_params") or 0)
     if n_params <= 0:
         return {}
-    steps = manifest_data.get("steps", {})
     seconds: dict[str, list[float]] = {step: [] for step in STEPS}
-    for name, entry in steps.items():
+    for name, entry in manifest_data.get("steps", {}).items():
         kind = name.split(":", 1)[0]
-        if kind == "base":
-            seconds["convert"].append(entry["seconds"])
-        elif kind == "quant":
-            seconds["quantize"].append(entry["seconds"])
-        elif kind == "imatrix":
-            seconds["imatrix"].append(entry["seconds"])
+        step = {"base": "convert", "quant": "quantize", "imatrix": "imatrix"}.get(kind)
+        if step:
+            seconds[step].append(float(entry["seconds"]))
     for entry in manifest_data.get("files", {}).values():
         if isinstance(entry.get("verify"), dict) and "seconds" in entry["verify"]:
-            seconds["verify"].append(entry["verify"]["seconds"])
+            seconds["verify"].append(float(entry["verify"]["seconds"]))
     record = load_throughput()
     name = manifest_data.get("source", {}).get("ref", "?")
     changed = {}
     for step, values in seconds.items():
         if not values:
             continue
-        old = record.get(step)
-        if old and old.get("n_params", 0) > n_params:
-            continue
-        changed[step] = {"seconds_per_gparam": round(sum(values) / len(values) / n_params * 1e9, 3),
-                         "n_params": n_params, "model": name, "when": time.strftime("%Y-%m-%d")}
+        entry = {"n_params": n_params, "seconds": round(sum(values) / len(values), 2), "model": name,
+                 "when": time.strftime("%Y-%m-%d")}
+        others = [e for e in record.get(step, []) if e.get("n_params") != n_params]
+        record[step] = sorted(others + [entry], key=lambda e: e["n_params"])[-_KEPT_SIZES:]
+        changed[step] = entry
     if changed:
-        record.update(changed)
         try:
             write_text_atomic(_throughput_path(), json.dumps(record, indent=2) + "\n")
         except OSError:
             return {}  # a read-only cache costs only the time estimates
     return changed
+
+
+_KEPT_SIZES = 6  # model sizes remembered per step (the largest ones)
 
 
 def measure(log: Callable[[str], None] = print) -> dict:
@@ -190,15 +190,37 @@ def measure(log: Callable[[str], None] = print) -> dict:
     with tempfile.TemporaryDirectory(prefix="l3zh-measure-") as tmp:
         result = export(None, quants=["q4_k_m"], out=tmp, log=lambda _msg: None)
         recorded = record_export(result.manifest.data)
-    log(f"Measured on the demo model: {', '.join(recorded) or 'nothing new (a larger model was measured before)'}.")
+    log(f"Measured on the demo model: {', '.join(recorded) or 'nothing'}.")
     return recorded
 
 
 def step_seconds(step: str, n_params: int, throughput: dict) -> float | None:
-    entry = throughput.get(step)
-    if not entry:
+    """Seconds for `step` on a model of `n_params`, from this machine's records.
+
+    With records of two model sizes at least 1.5x apart, a fixed start-up cost plus a cost per parameter is fitted
+    (least squares); with one, the time is scaled in proportion, which overstates a large model's time by the
+    small one's start-up share.
+    """
+    points = [(float(e["n_params"]), float(e["seconds"])) for e in throughput.get(step, [])]
+    if not points:
         return None
-    return entry["seconds_per_gparam"] * n_params / 1e9
+    sizes = [n for n, _ in points]
+    if len(points) >= 2 and max(sizes) >= 1.5 * min(sizes):
+        mean_n = sum(sizes) / len(points)
+        mean_s = sum(s for _, s in points) / len(points)
+        slope = (sum((n - mean_n) * (s - mean_s) for n, s in points)
+                 / sum((n - mean_n) ** 2 for n in sizes))
+        fixed = mean_s - slope * mean_n
+        if slope > 0 and fixed >= 0:
+            return fixed + slope * n_params
+    n_big, s_big = max(points)
+    return s_big * n_params / n_big
+
+
+def measured_on(throughput: dict) -> list[str]:
+    """The exports the step times come from, for the plan's footnote."""
+    seen = {(e["model"], e["n_params"], e["when"]) for entries in throughput.values() for e in entries}
+    return [f"{model} ({n / 1e9:.2f}B, {when})" for model, n, when in sorted(seen, key=lambda x: x[1])]
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
@@ -228,7 +250,7 @@ class Plan:
     ram_given: bool
     rows: list[PlanRow]
     steps: dict[str, float | None]  # convert, imatrix, verify (per GGUF) seconds
-    throughput: dict
+    throughput: dict[str, list[dict]]
     table: list[memory.MemoryEstimate] = field(default_factory=list)
     table_quant: str = "q4_k_m"
 
@@ -240,7 +262,7 @@ class Plan:
             "ram_bytes": self.ram, "budget_bytes": memory.ram_budget(self.ram) if self.ram else None,
             "kv_bytes_per_token": memory.kv_bytes_per_token(self.shape, self.kv_type),
             "quants": [r.to_dict() for r in self.rows], "step_seconds": self.steps,
-            "measured_on": {k: v.get("model") for k, v in self.throughput.items()},
+            "measured_on": measured_on(self.throughput),
             "memory_table": {"quant": self.table_quant, "rows": [e.to_dict() for e in self.table]},
         }
 
@@ -308,12 +330,15 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     steps = plan.steps
     if any(v is not None for v in steps.values()) or plan.rows[1:] and plan.rows[1].quantize_s is not None:
-        measured = sorted({f"{v['model']} ({v['n_params'] / 1e9:.2f}B, {v['when']})" for v in plan.throughput.values()})
+        measured = measured_on(plan.throughput)
         imatrix_note = (_duration(steps["imatrix"]) if steps["imatrix"] is not None
                         else "off by default above 4B parameters")
         lines.append(f"export steps on this machine: convert {_duration(steps['convert'])}, importance matrix "
                      f"{imatrix_note}, quantize per type as above, verify {_duration(steps['verify'])} per GGUF")
-        lines.append(f"  (scaled by parameter count from exports measured here: {', '.join(measured)})")
+        one_size = all(len({e["n_params"] for e in v}) < 2 for v in plan.throughput.values())
+        how = ("scaled by parameter count, so long for a larger model: its start-up share is smaller"
+               if one_size else "start-up cost + cost per parameter fitted")
+        lines.append(f"  (from exports timed here: {', '.join(measured)}; {how})")
     else:
         lines.append("export step times: nothing measured on this machine yet; run `l3zh-local plan --measure` "
                      "(exports the demo model, a few minutes) or any export")

@@ -155,14 +155,20 @@ def test_step_times_come_from_recorded_exports(llama3_8b_dir, tmp_path, monkeypa
     assert set(plan.record_export(manifest)) == {"convert", "quantize", "imatrix", "verify"}
     facts = plan.model_facts(str(llama3_8b_dir))
     result = plan.make_plan(facts)
+    # One model size: in proportion to the parameter count.
     assert result.steps["convert"] == pytest.approx(13.5 / 135e6 * facts.n_params, rel=1e-3)
     # On at every size now: it scales with the parameters too (the same default token count).
     assert result.steps["imatrix"] == pytest.approx(27.0 / 135e6 * facts.n_params, rel=1e-3)
     assert result.rows[1].quantize_s == pytest.approx(6.75 / 135e6 * facts.n_params, rel=1e-3)
     text = plan.format_plan(result)
     assert "export steps on this machine: convert 13 min" in text and "demo (0.14B" in text
-    # A smaller model's timings do not replace a larger one's.
-    assert plan.record_export({**manifest, "model": {"n_params": 1_000_000}}) == {}
+    # A second size: a start-up cost (here 5 s) plus a cost per parameter.
+    bigger = {**manifest, "model": {"n_params": 540_000_000}, "source": {"ref": "bigger"},
+              "steps": {"base:y.f16.gguf": {"seconds": 5 + (13.5 - 5) * 4}}, "files": {}}
+    assert set(plan.record_export(bigger)) == {"convert"}
+    fitted = plan.make_plan(facts).steps["convert"]
+    assert fitted == pytest.approx(5 + 8.5 / 135e6 * facts.n_params, rel=1e-3)
+    assert len(plan.load_throughput()["convert"]) == 2
 
 
 def test_export_warns_when_a_quant_will_not_fit(tiny_llama3_dir, monkeypatch):
