@@ -139,8 +139,11 @@ def test_wrong_eos_fails_eos_check(tiny_llama3_dir, tmp_path):
     gguf = convert(tiny_llama3_dir, tmp_path / "eos.gguf", eos_token="<|end_of_text|>")
     check = only_failure(verify(gguf, tiny_llama3_dir, checks=STATIC), "eos")
     assert "EOS is 128001" in check.message and "expected 128009" in check.message
-    # Without being told, the template alone shows the mistake: turns end with <|eot_id|>, EOS is another token.
+    # Told nothing but the reference: its template (Meta's, the llama3 family) expects <|eot_id|>.
     report = verify_gguf(gguf, ref=tiny_llama3_dir, checks=STATIC)
+    assert "EOS is 128001" in only_failure(report, "eos").message
+    # With no reference at all, the template alone shows the mistake: turns end with <|eot_id|>, EOS is another.
+    report = verify_gguf(gguf, checks=STATIC)
     assert "the template ends an assistant turn with 128009" in only_failure(report, "eos").message
 
 
