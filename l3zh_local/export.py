@@ -303,7 +303,8 @@ def _run_export(opts: ExportOptions, log: Callable[[str], None], held: contextli
         hf_ref = info.path if adapter is None and info.n_params <= VERIFY_HF_MAX_PARAMS else None
         gguf_ref = _gguf_reference(base, targets, log)
         for gguf in (base, *targets.values()):
-            ref = hf_ref or (None if gguf == gguf_ref else gguf_ref)  # the reference GGUF itself has none
+            # The 16-bit GGUF and the reference GGUF have none (a 16-bit file too large to run beside is not run).
+            ref = hf_ref or (None if gguf in (base, gguf_ref) else gguf_ref)
             if not _verified(manifest, gguf, ref, family, opts.threads, log):
                 failed.append(gguf.name)
     from .plan import record_export

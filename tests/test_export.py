@@ -292,3 +292,22 @@ def test_convert_and_quantize_commands(tiny_llama3_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert ggufmeta.file_type_name(ggufmeta.read_metadata(tmp_path / "tiny.q5_k_s.gguf")) == "q5_k_s"
     assert_one_line_error(run_cli("convert", str(tiny_llama3_dir), "--out", str(f16)), "exists", "--force")
+
+
+def test_quants_are_verified_against_the_q8_0_when_the_16bit_gguf_does_not_fit(tiny_llama3_dir, tmp_path,
+                                                                               monkeypatch):
+    import l3zh_local
+    from l3zh_local import hardware
+
+    export_module = sys.modules["l3zh_local.export"]  # the module: l3zh_local.export is the API function
+    monkeypatch.setattr(export_module, "VERIFY_HF_MAX_PARAMS", 0)  # as for a model too large for an HF reference
+    monkeypatch.setattr(hardware, "available_memory", lambda: 512 * 2**20)  # less than the bf16 GGUF + 1 GiB
+    logs: list[str] = []
+    result = l3zh_local.export(str(tiny_llama3_dir), quants=["q8_0", "q4_k_m"], out=tmp_path, imatrix=False,
+                               log=logs.append)
+    files = result.manifest.data["files"]
+    q8, q4 = result.quant_ggufs["q8_0"], result.quant_ggufs["q4_k_m"]
+    assert files[q4.name]["verify"]["ref"] == str(q8)
+    assert files[q8.name]["verify"]["ref"] is None and files[result.base_gguf.name]["verify"]["ref"] is None
+    assert any("does not fit" in line and q8.name in line for line in logs)
+    assert not result.failed_verification
