@@ -130,7 +130,7 @@ def finished(demo_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter(demo_dir, tmp_path_factory) -> Path:
-    from l3zh_local.lora_fixture import random_lora_adapter
+    from support.lora_fixture import random_lora_adapter
 
     return random_lora_adapter(demo_dir, tmp_path_factory.mktemp("adapter") / "demo-lora", r=8, lora_alpha=16,
                                target_modules=["q_proj", "v_proj", "gate_proj"], dtype="float16")
@@ -163,7 +163,7 @@ def hanging_index():
 
 # Each case: the phase, the signal, what the run is started from (finished files), how to tell that the phase is
 # under way, the files the interrupted step must not leave, and the files a re-run must reuse.
-F16, IMATRIX, Q4 = f"{STEM}.f16.gguf", f"{STEM}.imatrix.safetensors", f"{STEM}.q4_k_m.gguf"
+F16, IMATRIX, Q4 = f"{STEM}.f16.gguf", f"{STEM}.imatrix.gguf", f"{STEM}.q4_k_m.gguf"
 CASES = {
     "download": (signal.SIGINT, [], None, [], []),
     "merge": (signal.SIGINT, [], "merge", [], []),

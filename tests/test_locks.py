@@ -140,10 +140,10 @@ def test_two_exports_into_one_folder_both_finish_and_share_the_work(demo_dir, tm
     # The second run re-read the manifest after the wait: what the first made is reused, not redone.
     assert "Reusing smollm2-135m-instruct.f16.gguf" in second_output
     assert "Reusing smollm2-135m-instruct.q8_0.gguf." in second_output
-    assert "Reusing smollm2-135m-instruct.imatrix.safetensors." in second_output
+    assert "Reusing smollm2-135m-instruct.imatrix.gguf." in second_output
 
     files = json.loads((out / "manifest.json").read_text())["files"]
-    ggufs = sorted(name for name in files if name.endswith(".gguf"))
+    ggufs = sorted(name for name in files if name.endswith(".gguf") and files[name]["kind"] != "imatrix")
     assert ggufs == [f"smollm2-135m-instruct.{t}.gguf" for t in ("f16", "q4_k_m", "q5_k_m", "q8_0")]
     for name in ggufs:
         assert sha256_file(out / name) == files[name]["sha256"], name
