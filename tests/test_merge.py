@@ -333,7 +333,8 @@ def test_export_with_adapter_gives_a_gguf_with_the_adapter_active_logits(tiny_ll
     assert "tensors changed" in result.output
     ggufs = sorted(out.glob("*.gguf"))
     assert [p.name for p in ggufs] == [f"{tiny_llama3_dir.name}-adapter.f16.gguf"]
-    assert not [p for p in out.iterdir() if p.is_dir()]  # the merged HF folder is gone
+    # The merged HF folder is gone; the only folder left is the vLLM bundle beside the 16-bit GGUF.
+    assert [p.name for p in out.iterdir() if p.is_dir()] == [f"{tiny_llama3_dir.name}-adapter.vllm"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["adapter"]["sha256"] == sha256_file(seed_adapter / "adapter_model.safetensors")
     assert manifest["adapter"]["path"] == str(seed_adapter) and manifest["adapter"]["lora"]["r"] == 128
