@@ -142,7 +142,12 @@ def load_throughput() -> dict[str, list[dict]]:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         return {}  # a damaged record only means no estimate
-    return {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    # Records this version cannot read (an older layout, a hand edit) are dropped, never a crash after an export.
+    return {step: [e for e in entries if isinstance(e, dict) and isinstance(e.get("n_params"), int)
+                   and isinstance(e.get("seconds"), (int, float))]
+            for step, entries in data.items() if isinstance(entries, list)}
 
 
 def record_export(manifest_data: dict) -> dict:

@@ -274,3 +274,15 @@ def test_readme_memory_table_is_the_estimate():
         for kv, cell in zip(memory.KV_TYPES, row[1:], strict=True):
             e = memory.estimate(shape, weights, int(row[0]), kv)
             assert cell.strip() == f"{memory.gib(e.kv_cache)} / {memory.gib(e.total)}"
+
+
+def test_a_throughput_record_this_version_cannot_read_is_dropped_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("L3ZH_CACHE", str(tmp_path))
+    path = plan._throughput_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"convert": [[135_000_000, 13.5]], "verify": {"odd": 1},
+                                "quantize": [{"n_params": 10, "seconds": 2.0}]}))
+    manifest = {"model": {"n_params": 135_000_000}, "steps": {"base:x.f16.gguf": {"seconds": 13.5}}, "files": {}}
+    assert set(plan.record_export(manifest)) == {"convert"}  # after every export: must never raise
+    kept = json.loads(path.read_text())
+    assert kept["convert"][0]["n_params"] == 135_000_000 and kept["quantize"] == [{"n_params": 10, "seconds": 2.0}]
