@@ -70,7 +70,8 @@ def _write_weights(gguf_path: Path, out: Path) -> None:
     # Q4_1 dequantizes exactly in float32; float16 keeps it closer than bfloat16 would.
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                  dtype=torch.float32)
-    model = model.half()
+    # .to(dtype), not .half(): transformers refuses .half() on a GGUF-loaded (marked quantized) model.
+    model = model.to(torch.float16)  # type: ignore[arg-type]  # transformers' typing of .to() is too narrow
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the folder ourselves.
     config = model.config
     if hasattr(config, "quantization_config"):
