@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import evaltext
+from ..prompt import llama_token_text
 from .thresholds import UNTRAINED_PPL
 
 
@@ -36,10 +37,6 @@ def _load(gguf: str, **kwargs):
     return Llama(model_path=gguf, verbose=False, **kwargs)
 
 
-def _token_text(llm, token: int) -> str:
-    return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
-
-
 _SENTINEL = "L3ZH_ASSISTANT_SENTINEL_7"
 
 
@@ -58,7 +55,7 @@ def tokenize_probe(gguf: str, texts: list[str], chats: list, expected_templates:
              for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")}
     names[0] = "f32"
     bos, eos = llm.token_bos(), llm.token_eos()
-    bos_text, eos_text = _token_text(llm, bos), _token_text(llm, eos)
+    bos_text, eos_text = llama_token_text(llm, bos), llama_token_text(llm, eos)
     vocab = llm._model.vocab
 
     def tok(text: str, special: bool) -> list[int]:
@@ -98,7 +95,7 @@ def tokenize_probe(gguf: str, texts: list[str], chats: list, expected_templates:
         after_ids = tok(after, True)
         if after_ids and llama_cpp.llama_vocab_get_attr(vocab, after_ids[0]) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
             out["turn_end_id"] = after_ids[0]
-            out["token_text"][str(after_ids[0])] = _token_text(llm, after_ids[0])
+            out["token_text"][str(after_ids[0])] = llama_token_text(llm, after_ids[0])
     except Exception as err:  # noqa: BLE001 - a template that does not render is the finding
         out["render_error"] = str(err)
     return out
@@ -272,7 +269,7 @@ def stop_probe(gguf: str, mode: str, stop_ids: list[int], max_new_tokens: int, t
     text = llm.detokenize(generated, special=True).decode("utf-8", errors="replace")
     markers = [m for m in ("<|", "|>", "<<SYS>>", "[INST]") if m in text]
     out.update(n_tokens=len(generated), text=text,
-               template_text=(_token_text(llm, control[0]) if control else (markers[0] if markers else "")))
+               template_text=(llama_token_text(llm, control[0]) if control else (markers[0] if markers else "")))
     return out
 
 
